@@ -1,0 +1,323 @@
+"""nftables backend: render a ruleset as one `nft -f` transaction, read the live table back.
+
+Everything lives in `table inet dockfence`, which Docker never touches. Only the table's drops
+matter for enforcement: a drop in any base chain is final, while an accept merely ends our chain
+and lets Docker's own chains (iptables or Docker 29's nftables) decide as before.
+
+Paths covered:
+- forward: traffic Docker DNATed to a container is matched on the conntrack *original*
+  destination port (the host port the user published), never on the container port;
+  new connections to a container that were not DNATed (direct routing) are dropped;
+- input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
+- input: the host's own ports, when the policy has a `host:` section.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import OperationalError
+from ..model import (
+    PROTOS,
+    Gate,
+    HostRules,
+    IPNetwork,
+    PortRange,
+    Ruleset,
+    Sources,
+    Verdict,
+    collapse,
+)
+from ..run import run
+
+FAMILY, TABLE = "inet", "dockfence"
+PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
+TAG_UNKNOWN = "containers.default"
+TAG_DIRECT = "direct routing"
+TAG_HOST = "host.default"
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
+
+
+def comment(*parts: str) -> str:
+    """A quoted nft comment of `label | origin`. Labels hold container names and file paths, so
+    anything outside a conservative alphabet is replaced: user text never reaches nft raw."""
+    return '"' + " | ".join(_COMMENT_UNSAFE.sub("?", p) for p in parts)[:127] + '"'
+
+
+def _ifnames(names: tuple[str, ...]) -> str:
+    # names were validated (policy) or come from Docker's bridge names; re-check anyway.
+    for n in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", n):
+            raise OperationalError(f"refusing unsafe interface name {n!r}")
+    return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
+
+
+def _network(n: IPNetwork) -> str:
+    return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
+
+
+@dataclass
+class _Renderer:
+    lines: list[str]
+    chains: dict[Sources, str]
+
+    def allow_chain(self, sources: Sources) -> str:
+        """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
+        if sources.any:
+            return "accept"
+        if sources.nobody:
+            return "drop"
+        if sources not in self.chains:
+            name = f"allow_{len(self.chains)}"
+            self.chains[sources] = name
+            body = []
+            for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
+                if nets:
+                    sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
+                    elements = ", ".join(_network(n) for n in nets)
+                    self.lines += [
+                        f"\tset {sname} {{",
+                        f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
+                        "\t\tflags interval",
+                        f"\t\telements = {{ {elements} }}",
+                        "\t}",
+                    ]
+                    body.append(f"\t\t{fam} saddr @{sname} accept")
+            self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
+        return f"jump {self.chains[sources]}"
+
+    def port_map(self, name: str, gates: list[Gate]) -> None:
+        # Elements first: they emit the chains and sets they jump to, which must come before.
+        elements = ", ".join(
+            f"{g.ports} comment {comment(g.label, g.origin)} : "
+            f"{self.allow_chain(g.sources)}" for g in gates)
+        self.lines += [f"\tmap {name} {{", "\t\ttype inet_service : verdict", "\t\tflags interval"]
+        if elements:
+            self.lines.append(f"\t\telements = {{ {elements} }}")
+        self.lines.append("\t}")
+
+
+def _verdict(v: Verdict) -> str:
+    return "accept" if v == "allow" else "drop"
+
+
+def render(rs: Ruleset) -> str:
+    """The whole table as one `nft -f` transaction that replaces any previous version of it."""
+    r = _Renderer(lines=[], chains={})
+    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"']
+    for proto in PROTOS:
+        r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
+    if rs.host is not None:
+        for proto in PROTOS:
+            r.port_map(f"host_{proto}", [g for g in rs.host.gates if g.proto == proto])
+
+    # Outside means: the interfaces the policy names, else everything but Docker's bridges.
+    scope = []
+    if rs.outside is not None:
+        scope.append(f"\t\tiifname != {_ifnames(rs.outside)} accept")
+    elif rs.docker_bridges:
+        scope.append(f"\t\tiifname {_ifnames(rs.docker_bridges)} accept")
+    r.lines += [
+        "\tchain forward {",
+        f"\t\ttype filter hook forward priority {PRIORITY}; policy accept;",
+        "\t\tct state established,related accept",
+        '\t\tiifname "lo" accept',
+        *scope,
+    ]
+    if rs.docker_bridges:
+        r.lines.append(f"\t\toifname {_ifnames(rs.docker_bridges)} goto to_containers")
+    r.lines += [
+        "\t}",
+        "\tchain to_containers {",
+        "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
+        "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
+        f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
+        f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
+        f"\t\tcounter drop comment {comment(TAG_DIRECT)}",
+        "\t}",
+        "\tchain input {",
+        f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
+        "\t\tct state established,related accept",
+        '\t\tiifname "lo" accept',
+        *scope,
+        "\t\ttcp dport vmap @tcp_ports",
+        "\t\tudp dport vmap @udp_ports",
+    ]
+    if rs.host is not None:
+        r.lines += [
+            "\t\tmeta l4proto { icmp, ipv6-icmp } accept",
+            "\t\tudp sport 67 udp dport 68 accept",  # DHCP replies are not tracked as replies
+            "\t\tudp sport 547 udp dport 546 accept",
+            "\t\ttcp dport vmap @host_tcp",
+            "\t\tudp dport vmap @host_udp",
+            f"\t\tcounter {_verdict(rs.host.default)} comment "
+            f"{comment(TAG_HOST, rs.host.origin)}",
+        ]
+    r.lines += ["\t}", "}"]
+    return "\n".join(r.lines) + "\n"
+
+
+def transaction(rs: Ruleset) -> str:
+    """Create-if-missing, delete, recreate: one atomic batch with no window in between."""
+    return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render(rs)
+
+
+def removal() -> str:
+    return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+
+
+# --- live state -------------------------------------------------------------------------------
+
+def live_json() -> dict[str, Any] | None:
+    """The live table as nft JSON without stateful values, or None if dockfence is not installed."""
+    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+            return None
+        raise OperationalError(f"nft list table failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def live_text() -> str | None:
+    proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def canonical(doc: dict[str, Any] | None) -> str | None:
+    """A listing with kernel handles and version info stripped, for exact comparisons."""
+    if doc is None:
+        return None
+
+    def strip(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k != "handle"}
+        if isinstance(o, list):
+            return [strip(v) for v in o]
+        return o
+
+    items = [strip(o) for o in doc.get("nftables", []) if "metainfo" not in o]
+    return json.dumps(items, sort_keys=True)
+
+
+def canonical_of(rs: Ruleset) -> str:
+    """How the kernel lists `rs`: loaded into a throwaway network namespace and listed back, so
+    that "unchanged" means byte-for-byte what the live kernel would show."""
+    script = f'nft -f - && nft -j -s list table {FAMILY} {TABLE}'
+    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=render(rs))
+    return canonical(json.loads(proc.stdout)) or ""
+
+
+def check(rs: Ruleset) -> None:
+    """Let nft parse and validate the batch without committing it."""
+    run(["nft", "-c", "-f", "-"], stdin=transaction(rs))
+
+
+def apply_text(text: str) -> None:
+    run(["nft", "-f", "-"], stdin=text)
+
+
+# --- parsing the live table back into a ruleset ------------------------------------------------
+
+def _elem_networks(elem: Any) -> list[IPNetwork]:
+    if isinstance(elem, str):
+        return [ipaddress.ip_network(elem)]
+    if "prefix" in elem:
+        p = elem["prefix"]
+        return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
+    if "range" in elem:
+        lo, hi = (ipaddress.ip_address(a) for a in elem["range"])
+        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+    if "elem" in elem:
+        return _elem_networks(elem["elem"]["val"])
+    raise OperationalError(f"unexpected set element in live table: {elem!r}")
+
+
+def _ports(val: Any) -> PortRange:
+    if isinstance(val, int):
+        return PortRange(val, val)
+    if isinstance(val, dict) and "range" in val:
+        return PortRange(int(val["range"][0]), int(val["range"][1]))
+    raise OperationalError(f"unexpected map key in live table: {val!r}")
+
+
+def _split(text: str) -> tuple[str, str]:
+    label, _, origin = text.partition(" | ")
+    return label, origin
+
+
+def parse_live(doc: dict[str, Any]) -> Ruleset:
+    """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
+    sets: dict[str, list[IPNetwork]] = {}
+    maps: dict[str, list[Any]] = {}
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for obj in doc.get("nftables", []):
+        if "set" in obj:
+            s = obj["set"]
+            sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
+        elif "map" in obj:
+            maps[obj["map"]["name"]] = obj["map"].get("elem", [])
+        elif "rule" in obj:
+            rules.setdefault(obj["rule"]["chain"], []).append(obj["rule"])
+
+    def sources_of(verdict: dict[str, Any]) -> Sources:
+        if "accept" in verdict:
+            return Sources(any=True)
+        if "drop" in verdict:
+            return Sources()
+        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
+        return Sources(networks=collapse(sets.get(f"{target}_v4", []) +
+                                         sets.get(f"{target}_v6", [])))
+
+    def gates(map_name: str, proto: str) -> list[Gate]:
+        out = []
+        for key, verdict in maps.get(map_name, []):
+            val, text = (key["elem"]["val"], key["elem"].get("comment", "")) \
+                if isinstance(key, dict) and "elem" in key else (key, "")
+            label, origin = _split(text)
+            out.append(Gate(proto, _ports(val), sources_of(verdict), label, origin))  # type: ignore[arg-type]
+        return sorted(out, key=lambda g: g.ports)
+
+    def tagged(chain: str, tag: str) -> tuple[Verdict, str] | None:
+        for rule in rules.get(chain, []):
+            label, origin = _split(rule.get("comment", ""))
+            if label == tag:
+                verdict: Verdict = "allow" if any("accept" in e for e in rule["expr"]) else "deny"
+                return verdict, origin
+        return None
+
+    def outside() -> tuple[str, ...] | None:
+        for rule in rules.get("forward", []):
+            for e in rule["expr"]:
+                m = e.get("match", {})
+                if m.get("left") == {"meta": {"key": "iifname"}} and m.get("op") == "!=":
+                    right = m["right"]
+                    return tuple(sorted(right["set"])) if isinstance(right, dict) else (right,)
+        return None
+
+    def bridges() -> tuple[str, ...]:
+        for rule in rules.get("forward", []):
+            for e in rule["expr"]:
+                m = e.get("match", {})
+                if m.get("left") == {"meta": {"key": "oifname"}}:
+                    right = m["right"]
+                    return tuple(right["set"]) if isinstance(right, dict) else (right,)
+        return ()
+
+    unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
+    host_default = tagged("input", TAG_HOST)
+    host = None
+    if host_default is not None:
+        host = HostRules(tuple(gates("host_tcp", "tcp") + gates("host_udp", "udp")),
+                         host_default[0], host_default[1])
+    return Ruleset(
+        container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp")),
+        unknown_published=unknown[0],
+        unknown_origin=unknown[1],
+        outside=outside(),
+        docker_bridges=bridges(),
+        host=host,
+    )

@@ -1,0 +1,185 @@
+"""Policy + inventory -> ruleset. Pure: the same inputs always give the same ruleset."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .errors import OperationalError
+from .model import (
+    PROTOS,
+    Binding,
+    Container,
+    Gate,
+    HostRules,
+    Inventory,
+    PortRange,
+    Proto,
+    Ruleset,
+    Sources,
+    Verdict,
+)
+from .policy import ContainerRule, Policy
+
+ANYONE = Sources(any=True)
+NOBODY = Sources()
+
+
+def default_sources(verdict: Verdict) -> Sources:
+    return ANYONE if verdict == "allow" else NOBODY
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """One reason a port range has a gate: a rule (explicit) or a default."""
+
+    proto: Proto
+    ports: PortRange
+    sources: Sources
+    label: str
+    origin: str
+    explicit: bool
+    bare: bool = False  # a host-port rule without a container: applies to the port itself
+
+
+def _published(inventory: Inventory) -> list[tuple[Container, Binding]]:
+    """Bindings reachable from outside that dockfence gates (tcp and udp, not loopback-only)."""
+    out = []
+    for c in inventory.containers:
+        for b in c.bindings:
+            if b.proto in PROTOS and not b.loopback_only:
+                out.append((c, b))
+    return out
+
+
+def binding_label(c: Container, b: Binding) -> str:
+    return f"{c.name} {b.container_port}/{b.proto}"
+
+
+def _rule_claims(policy: Policy, rule: ContainerRule, published: list[tuple[Container, Binding]],
+                 warnings: list[str]) -> list[_Claim]:
+    origin = policy.where(rule.line)
+    claims: list[_Claim] = []
+    spec = rule.port or rule.host_port
+    assert spec is not None
+    for c, b in published:
+        if rule.container is not None and not c.matches(rule.container):
+            continue
+        if b.proto != spec.proto:
+            continue
+        port = b.container_port if rule.port else b.host_port
+        if port in spec.ports:
+            claims.append(_Claim(spec.proto, PortRange(b.host_port, b.host_port), rule.sources,
+                                 binding_label(c, b), origin, True))
+    if rule.host_port is not None and rule.container is None:
+        # A bare host-port rule gates the port itself, whether or not a container publishes it
+        # yet: it keeps working when containers come and go.
+        claims.append(_Claim(spec.proto, spec.ports, rule.sources, f"host port {spec}", origin,
+                             True, bare=True))
+    elif not claims:
+        warnings.append(f"{origin}: rule for {rule.describe()} selects no running container "
+                        "(it takes effect once one is running and dockfence is applied again)")
+    return claims
+
+
+def _union(claims: list[_Claim]) -> Sources:
+    sources = claims[0].sources
+    for c in claims[1:]:
+        sources = sources.union(c.sources)
+    return sources
+
+
+def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, list[_Claim]]:
+    """Rules add up; a published port no rule names gets the default; bare host-port rules apply
+    to whatever is behind the port. Two containers behind one host port (on different host
+    addresses) must end up with one allow-list, because rules are keyed on the host port."""
+    bare = [c for c in covering if c.bare]
+    per_label: dict[str, list[_Claim]] = defaultdict(list)
+    for c in covering:
+        if not c.bare:
+            per_label[c.label].append(c)
+    if not per_label:
+        return _union(bare), bare
+    effective: dict[str, tuple[Sources, list[_Claim]]] = {}
+    for label, claims in per_label.items():
+        chosen = [c for c in claims if c.explicit] + bare or claims
+        effective[label] = (_union(chosen), chosen)
+    if len({s for s, _ in effective.values()}) > 1:
+        raise OperationalError(
+            f"host port {seg}/{covering[0].proto} is published by {'; '.join(effective)} "
+            "(on different host addresses) with different allow-lists; dockfence keys rules "
+            "on the host port, so give them one allow-list")
+    sources = next(iter(effective.values()))[0]
+    return sources, [c for _, chosen in effective.values() for c in chosen]
+
+
+def _segments(claims: list[_Claim]) -> list[Gate]:
+    """Cut overlapping claims into disjoint port ranges and merge equal neighbours."""
+    gates: list[Gate] = []
+    for proto in PROTOS:
+        mine = [c for c in claims if c.proto == proto]
+        cuts = sorted({c.ports.first for c in mine} | {c.ports.last + 1 for c in mine})
+        for lo, hi in itertools.pairwise(cuts):
+            seg = PortRange(lo, hi - 1)
+            covering = [c for c in mine if c.ports.overlaps(seg)]
+            if not covering:
+                continue
+            sources, chosen = _segment_sources(seg, covering)
+            label = "; ".join(dict.fromkeys(c.label for c in covering if not c.bare)) \
+                or chosen[0].label
+            origin = ", ".join(dict.fromkeys(c.origin for c in chosen))
+            prev = gates[-1] if gates else None
+            if (prev and prev.proto == proto and prev.ports.last + 1 == seg.first
+                    and (prev.sources, prev.label, prev.origin) == (sources, label, origin)):
+                seg = PortRange(prev.ports.first, seg.last)
+                gates.pop()
+            gates.append(Gate(proto, seg, sources, label, origin))
+    return gates
+
+
+def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
+    warnings: list[str] = []
+    published = _published(inventory)
+
+    default_origin = f"{policy.where(policy.lines['containers.default'])} " \
+                     f"(containers.default: {policy.container_default})"
+    claims: list[_Claim] = []
+    for rule in policy.container_rules:
+        claims.extend(_rule_claims(policy, rule, published, warnings))
+    for c, b in published:
+        claims.append(_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
+                             default_sources(policy.container_default), binding_label(c, b),
+                             default_origin, False))
+    container_gates = _segments(claims)
+
+    host: HostRules | None = None
+    if policy.host_default is not None:
+        host_claims = [_Claim(r.port.proto, r.port.ports, r.sources, f"host port {r.port}",
+                              policy.where(r.line), True, bare=True) for r in policy.host_rules]
+        host_gates = _segments(host_claims)
+        for hg in host_gates:
+            for cg in container_gates:
+                if cg.proto == hg.proto and cg.ports.overlaps(hg.ports):
+                    warnings.append(
+                        f"{hg.origin}: host port {hg.ports}/{hg.proto} is also a published "
+                        f"container port ({cg.label}); the container rule ({cg.origin}) decides")
+        host = HostRules(tuple(host_gates), policy.host_default,
+                         f"{policy.where(policy.lines['host.default'])} "
+                         f"(host.default: {policy.host_default})")
+
+    bridges = tuple(sorted(set(inventory.bridges)))
+    if policy.interfaces:
+        for name in policy.interfaces:
+            if name in bridges:
+                warnings.append(f"{policy.path}: interface {name} is a Docker bridge; "
+                                "traffic from containers on it will be filtered as outside")
+    return Ruleset(
+        container_gates=tuple(container_gates),
+        unknown_published=policy.container_default,
+        unknown_origin=default_origin,
+        outside=tuple(sorted(policy.interfaces)) if policy.interfaces else None,
+        docker_bridges=bridges,
+        host=host,
+        warnings=tuple(warnings),
+    )

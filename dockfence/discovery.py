@@ -1,0 +1,93 @@
+"""Docker discovery: the only module that talks to the Docker Engine API.
+
+Reads running containers, their published ports and addresses, and the bridge interfaces of
+Docker's networks. Uses docker-py's from_env(), which honours DOCKER_HOST and negotiates the
+API version.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from .errors import OperationalError
+from .model import Binding, Container, Inventory
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _client() -> docker.DockerClient:
+    try:
+        return docker.from_env(timeout=15)
+    except docker.errors.DockerException as exc:
+        raise OperationalError(f"cannot reach Docker (DOCKER_HOST or /var/run/docker.sock): "
+                               f"{exc}") from None
+
+
+def bindings_of(ports: dict[str, Any] | None) -> tuple[Binding, ...]:
+    """`NetworkSettings.Ports`: {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8081"}] | None}."""
+    out: list[Binding] = []
+    for key, hosts in (ports or {}).items():
+        port, _, proto = key.partition("/")
+        for h in hosts or []:
+            host_ip = h.get("HostIp") or "0.0.0.0"
+            try:
+                ipaddress.ip_address(host_ip)
+                out.append(Binding(proto or "tcp", host_ip, int(h["HostPort"]), int(port)))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a port Docker could have published; nothing to gate
+    return tuple(sorted(set(out), key=lambda b: (b.proto, b.host_port, b.host_ip)))
+
+
+def container_of(attrs: dict[str, Any]) -> Container | None:
+    name = attrs.get("Name", "").lstrip("/")
+    if not _SAFE_NAME.match(name):
+        return None
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    service = labels.get("com.docker.compose.service")
+    if service is not None and not _SAFE_NAME.match(service):
+        service = None  # labels are free text; an odd one cannot be selected by the policy
+    settings = attrs.get("NetworkSettings") or {}
+    addresses: list[str] = []
+    for net in (settings.get("Networks") or {}).values():
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            if net.get(key):
+                addresses.append(net[key])
+    return Container(name=name, id=attrs.get("Id", ""), service=service,
+                     bindings=bindings_of(settings.get("Ports")), addresses=tuple(addresses))
+
+
+def bridge_name(net: dict[str, Any]) -> str | None:
+    if net.get("Driver") != "bridge":
+        return None
+    name = (net.get("Options") or {}).get("com.docker.network.bridge.name")
+    return name or f"br-{net['Id'][:12]}"
+
+
+def inventory() -> Inventory:
+    client = _client()
+    try:
+        info = client.api.info()
+        containers = []
+        for summary in client.api.containers():
+            try:
+                attrs = client.api.inspect_container(summary["Id"])
+            except docker.errors.NotFound:
+                continue  # gone between list and inspect
+            c = container_of(attrs)
+            if c is not None:
+                containers.append(c)
+        bridges = sorted({b for n in client.api.networks() if (b := bridge_name(n))})
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise OperationalError(f"Docker API error: {exc}") from None
+    finally:
+        client.close()
+    return Inventory(containers=tuple(sorted(containers, key=lambda c: c.name)),
+                     bridges=tuple(bridges),
+                     firewall_backend=info.get("FirewallBackend", {}).get("Driver", "iptables")
+                     if isinstance(info.get("FirewallBackend"), dict) else "iptables")

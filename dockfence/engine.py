@@ -1,0 +1,260 @@
+"""Orchestration: lock, discover, compile, plan, apply atomically, verify, roll back, revoke."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from . import discovery, policy
+from .backends import nftables as nft
+from .compile import compile_policy
+from .errors import OperationalError, UsageError
+from .explain import explain
+from .model import Inventory, Ruleset
+from .plan import Change, diff
+from .run import run
+
+
+class LockoutError(UsageError):
+    """Refused: the policy would deny the SSH session that runs the command."""
+
+
+@contextmanager
+def host_lock() -> Iterator[None]:
+    """One dockfence at a time per network namespace (tests run several namespaces at once)."""
+    netns = os.stat("/proc/self/ns/net").st_ino
+    os.makedirs("/run/dockfence", exist_ok=True)
+    with open(f"/run/dockfence/lock.{netns}", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OperationalError("another dockfence is changing this host; try again") from None
+        yield
+
+
+@dataclass
+class Plan:
+    policy: policy.Policy
+    inventory: Inventory
+    desired: Ruleset
+    live: Ruleset | None
+    changes: list[Change]
+    unchanged: bool  # the live table is byte-for-byte what apply would write
+    warnings: list[str] = field(default_factory=list)
+
+
+def desired_state(policy_path: str) -> tuple[policy.Policy, Inventory, Ruleset]:
+    pol = policy.load(policy_path)
+    inv = discovery.inventory()
+    return pol, inv, compile_policy(pol, inv)
+
+
+def live_state() -> tuple[Ruleset | None, str | None]:
+    doc = nft.live_json()
+    if doc is None:
+        return None, None
+    return nft.parse_live(doc), nft.canonical(doc)
+
+
+def make_plan(policy_path: str) -> Plan:
+    pol, inv, desired = desired_state(policy_path)
+    nft.check(desired)  # the kernel's own parser has the last word, before anything changes
+    live, live_canon = live_state()
+    unchanged = live_canon is not None and live_canon == nft.canonical_of(desired)
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, list(desired.warnings))
+
+
+def apply(policy_path: str, force: bool = False) -> tuple[Plan, int]:
+    """Make the kernel match the policy in one transaction. Returns the plan and how many
+    established connections were cut because the new policy denies them."""
+    with host_lock():
+        plan = make_plan(policy_path)
+        risk = None if force else lockout(plan.desired, plan.inventory,
+                                          os.environ.get("SSH_CONNECTION"))
+        if risk:
+            raise LockoutError(risk)
+        if plan.unchanged:
+            return plan, 0
+        previous = nft.live_text()
+        nft.apply_text(nft.transaction(plan.desired))
+        _live, canon = live_state()
+        if canon != nft.canonical_of(plan.desired):
+            _restore(previous)
+            raise OperationalError("the kernel does not show the rules just applied; the "
+                                   "previous rules were restored")
+        return plan, revoke(plan.live, plan.desired, plan.inventory)
+
+
+def _restore(previous: str | None) -> None:
+    if previous is None:
+        nft.apply_text(nft.removal())
+    else:
+        nft.apply_text(nft.removal() + previous)
+
+
+def remove() -> bool:
+    with host_lock():
+        if nft.live_json() is None:
+            return False
+        nft.apply_text(nft.removal())
+        return True
+
+
+# --- revoking: new rules do not stop flows that conntrack already accepted ---------------------
+
+@dataclass(frozen=True)
+class Flow:
+    proto: str
+    src: str
+    dst: str
+    sport: int
+    dport: int
+
+
+def parse_conntrack(text: str) -> list[Flow]:
+    """`conntrack -L` lines; the first src/dst/sport/dport are the original direction."""
+    flows = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("tcp", "udp"):
+            continue
+        kv: dict[str, str] = {}
+        for w in words:
+            k, sep, v = w.partition("=")
+            if sep and k not in kv:
+                kv[k] = v
+        try:
+            flows.append(Flow(words[0], kv["src"], kv["dst"], int(kv["sport"]), int(kv["dport"])))
+        except (KeyError, ValueError):
+            continue
+    return flows
+
+
+def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inventory,
+                 local: set[str]) -> list[Flow]:
+    """Flows from outside that the old rules (or no rules) let in and the new ones deny."""
+    inside = local | {a for c in inv.containers for a in c.addresses}
+    cut = []
+    for f in flows:
+        if f.src in inside or f.dst not in local:
+            continue
+        if not any(g.proto == f.proto and f.dport in g.ports for g in new.container_gates):
+            continue  # only container ports: never cut the operator's own session to the host
+        src, dst = ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst)
+        proto = "udp" if f.proto == "udp" else "tcp"
+        now = explain(new, inv, src, f.dport, proto, dst).verdict
+        before = explain(old, inv, src, f.dport, proto, dst).verdict if old else None
+        if now == "deny" and before != "deny":
+            cut.append(f)
+    return cut
+
+
+def _local_addresses() -> set[str]:
+    out = run(["ip", "-j", "addr", "show"]).stdout
+    return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
+
+
+def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
+    try:
+        flows = []
+        for family in ("ipv4", "ipv6"):
+            proc = run(["conntrack", "-L", "-f", family], check=False)
+            flows += parse_conntrack(proc.stdout)
+        cut = flows_to_cut(flows, old, new, inv, _local_addresses())
+    except OperationalError:
+        return 0  # no conntrack tool: new connections are still filtered
+    for f in cut:
+        run(["conntrack", "-D", "-p", f.proto, "-s", f.src, "-d", f.dst, "--sport", str(f.sport),
+             "--dport", str(f.dport)], check=False)
+    return len(cut)
+
+
+def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | None:
+    """If this command runs over SSH, refuse rules that would deny that very session's port:
+    established flows survive, but the next login would not."""
+    if not ssh_connection:
+        return None
+    try:
+        client, _, server, port = ssh_connection.split()
+        verdict = explain(rs, inv, ipaddress.ip_address(client), int(port), "tcp",
+                          ipaddress.ip_address(server))
+    except ValueError:
+        return None
+    if verdict.verdict == "deny":
+        return (f"this policy would lock you out: your SSH session from {client} to port {port} "
+                f"would be denied ({verdict.decided_by}); allow it under host.allow, or pass "
+                "--force if that is what you want")
+    return None
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    container: str
+    host: str  # host address:port
+    container_port: str  # "8080/tcp"
+    who: str  # who may reach it now
+    decided_by: str
+    warning: str | None = None
+
+
+@dataclass
+class Status:
+    installed: bool
+    ports: list[PortStatus]
+    host_rules: list[tuple[str, str, str]]  # (port, who, decided_by)
+    host_default: str | None
+    warnings: list[str]
+    firewall_backend: str
+
+
+def status() -> Status:
+    """What the kernel enforces now, for every published port Docker reports."""
+    inv = discovery.inventory()
+    live, _ = live_state()
+    ports: list[PortStatus] = []
+    warnings: list[str] = []
+    for c in inv.containers:
+        for b in c.bindings:
+            row = dict(container=c.name, host=b.host_endpoint(),
+                       container_port=f"{b.container_port}/{b.proto}")
+            gate = next((g for g in live.container_gates
+                         if g.proto == b.proto and b.host_port in g.ports), None) if live else None
+            if b.loopback_only:
+                ports.append(PortStatus(**row, who="this host only (loopback)",
+                                        decided_by="Docker"))
+            elif live is None:
+                ports.append(PortStatus(**row, who="anyone", decided_by="dockfence not applied",
+                                        warning="not protected: dockfence is not applied"))
+            elif gate is None:
+                fallback = "anyone" if live.unknown_published == "allow" else "nobody"
+                ports.append(PortStatus(
+                    **row, who=f"{fallback} through NAT; unfiltered through docker-proxy",
+                    decided_by=live.unknown_origin,
+                    warning="published after the last apply: run `dockfence apply`"))
+            else:
+                default = "containers.default" in gate.origin
+                ports.append(PortStatus(
+                    **row, who=str(gate.sources), decided_by=gate.origin,
+                    warning="no policy rule names this port; the default decides"
+                    if default else None))
+    for p in ports:
+        if p.warning:
+            warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")
+    if live is not None:
+        missing = sorted(set(inv.bridges) - set(live.docker_bridges))
+        if missing:
+            warnings.append(f"Docker network bridge(s) {', '.join(missing)} appeared after the "
+                            "last apply; their containers are treated as outside until "
+                            "`dockfence apply`")
+    host_rules = [(f"{g.ports}/{g.proto}", str(g.sources), g.origin)
+                  for g in (live.host.gates if live and live.host else ())]
+    host_default = None
+    if live and live.host:
+        host_default = "anyone" if live.host.default == "allow" else "nobody"
+    return Status(live is not None, ports, host_rules, host_default, warnings,
+                  inv.firewall_backend)

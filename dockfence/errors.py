@@ -1,0 +1,31 @@
+"""Error types. Each maps to one exit code of the command-line contract."""
+
+from __future__ import annotations
+
+
+class DockfenceError(Exception):
+    exit_code = 1
+
+
+class OperationalError(DockfenceError):
+    """Docker unreachable, the kernel refused, a lock is held: nothing was changed."""
+
+    exit_code = 1
+
+
+class UsageError(DockfenceError):
+    """A bad command-line argument."""
+
+    exit_code = 2
+
+
+class PolicyError(DockfenceError):
+    """An invalid policy, pointing at the file, line and offending value."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, line: int | None, message: str, value: object = None) -> None:
+        self.path, self.line, self.message, self.value = path, line, message, value
+        where = f"{path}:{line}" if line else path
+        shown = f" (got {value!r})" if value is not None else ""
+        super().__init__(f"{where}: {message}{shown}")

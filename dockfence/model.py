@@ -1,0 +1,172 @@
+"""The pure data model: ports, address sets, the container inventory and the ruleset.
+
+Nothing here touches the host; every type is immutable so compiled rulesets can be compared.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+Proto = Literal["tcp", "udp"]
+PROTOS: tuple[Proto, ...] = ("tcp", "udp")
+Verdict = Literal["allow", "deny"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.first <= self.last <= 65535):
+            raise ValueError(f"invalid port range {self.first}-{self.last}")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def overlaps(self, other: PortRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, order=True)
+class PortSpec:
+    """A port or port range with its protocol, as the policy writes it (`8000-8100/udp`)."""
+
+    proto: Proto
+    ports: PortRange
+
+    def __str__(self) -> str:
+        return f"{self.ports}/{self.proto}"
+
+
+def collapse(networks: list[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Merge overlapping and adjacent networks: nftables interval sets reject overlaps."""
+    v4 = [n for n in networks if n.version == 4]
+    v6 = [n for n in networks if n.version == 6]
+    out: list[IPNetwork] = []
+    out.extend(ipaddress.collapse_addresses(v4))  # type: ignore[arg-type]
+    out.extend(ipaddress.collapse_addresses(v6))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Who may connect: every address (`any`) or a collapsed list of networks of both families."""
+
+    any: bool = False
+    networks: tuple[IPNetwork, ...] = ()
+
+    @staticmethod
+    def of(networks: list[IPNetwork], any_: bool = False) -> Sources:
+        return Sources(any=True) if any_ else Sources(networks=collapse(networks))
+
+    @property
+    def nobody(self) -> bool:
+        return not self.any and not self.networks
+
+    def v4(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(n for n in self.networks if isinstance(n, ipaddress.IPv4Network))
+
+    def v6(self) -> tuple[ipaddress.IPv6Network, ...]:
+        return tuple(n for n in self.networks if isinstance(n, ipaddress.IPv6Network))
+
+    def admits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return self.any or any(address in n for n in self.networks)
+
+    def union(self, other: Sources) -> Sources:
+        if self.any or other.any:
+            return Sources(any=True)
+        return Sources(networks=collapse([*self.networks, *other.networks]))
+
+    def __str__(self) -> str:
+        if self.any:
+            return "anyone"
+        if not self.networks:
+            return "nobody"
+        return ", ".join(str(n) if n.prefixlen != n.max_prefixlen else str(n.network_address)
+                         for n in self.networks)
+
+
+# --- inventory: what Docker runs -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Binding:
+    """One published port: host address:port -> container port."""
+
+    proto: str  # tcp, udp or sctp: Docker can publish sctp, dockfence only gates tcp and udp
+    host_ip: str  # "0.0.0.0", "::", or a specific address
+    host_port: int
+    container_port: int
+
+    @property
+    def loopback_only(self) -> bool:
+        return ipaddress.ip_address(self.host_ip).is_loopback
+
+    def host_endpoint(self) -> str:
+        ip = self.host_ip
+        return f"[{ip}]:{self.host_port}" if ":" in ip else f"{ip}:{self.host_port}"
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    id: str
+    service: str | None = None  # com.docker.compose.service
+    bindings: tuple[Binding, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+    def matches(self, selector: str) -> bool:
+        return selector in (self.name, self.service)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    containers: tuple[Container, ...] = ()
+    bridges: tuple[str, ...] = ()  # interface names of Docker's bridge networks
+    firewall_backend: str = "iptables"
+
+
+# --- ruleset: what the kernel should enforce --------------------------------------------------
+
+@dataclass(frozen=True)
+class Gate:
+    """Who may open new connections to a host port (or range), and why.
+
+    `label` says what the port is (container and port), `origin` which policy line decided.
+    """
+
+    proto: Proto
+    ports: PortRange
+    sources: Sources
+    label: str
+    origin: str
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.proto, self.ports.first, self.ports.last)
+
+
+@dataclass(frozen=True)
+class HostRules:
+    gates: tuple[Gate, ...]
+    default: Verdict
+    origin: str
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Backend-neutral description of everything dockfence installs."""
+
+    container_gates: tuple[Gate, ...]
+    unknown_published: Verdict  # DNATed ports no gate names (published after apply)
+    unknown_origin: str
+    outside: tuple[str, ...] | None = None  # when set, only these interfaces are filtered
+    docker_bridges: tuple[str, ...] = ()  # never filtered as sources; where containers live
+    host: HostRules | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)

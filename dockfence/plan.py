@@ -1,0 +1,72 @@
+"""Diff a live ruleset against a desired one, in words a person reads. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from .model import Gate, Ruleset
+
+ChangeKind = Literal["add", "remove", "change", "keep"]
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    subject: str  # "tcp 8081 (django 8080/tcp)"
+    before: str | None
+    after: str | None
+    origin: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+Facts = dict[tuple[str, str], tuple[str, str, str]]
+
+
+def _gate_facts(prefix: str, gates: tuple[Gate, ...]) -> Facts:
+    return {(prefix, f"{g.proto} {g.ports}"): (g.label, str(g.sources), g.origin)
+            for g in gates}
+
+
+def facts(rs: Ruleset | None) -> Facts:
+    """Everything a ruleset decides, keyed so that the same decision compares equal."""
+    if rs is None:
+        return {}
+    out = _gate_facts("published port", rs.container_gates)
+    out[("setting", "published ports no rule names")] = (
+        "new or unlisted published ports", "anyone" if rs.unknown_published == "allow"
+        else "nobody", rs.unknown_origin)
+    out[("setting", "outside interfaces")] = (
+        "filtered interfaces", ", ".join(rs.outside) if rs.outside else
+        "all but loopback and Docker bridges", "")
+    out[("setting", "docker bridges")] = ("Docker bridges", ", ".join(sorted(rs.docker_bridges))
+                                          or "none", "")
+    if rs.host is not None:
+        out.update(_gate_facts("host port", rs.host.gates))
+        out[("setting", "other host ports")] = (
+            "host ports no rule names", "anyone" if rs.host.default == "allow" else "nobody",
+            rs.host.origin)
+    else:
+        out[("setting", "host ports")] = ("host's own ports", "not managed by dockfence", "")
+    return out
+
+
+def diff(live: Ruleset | None, desired: Ruleset | None) -> list[Change]:
+    before, after = facts(live), facts(desired)
+    changes: list[Change] = []
+    for key in sorted(before.keys() | after.keys()):
+        subject = f"{key[0]} {key[1]}" if key[0] != "setting" else key[1]
+        b, a = before.get(key), after.get(key)
+        if b is not None and a is not None:
+            subject += f" ({a[0]})" if key[0] != "setting" else ""
+            kind: ChangeKind = "keep" if b[:2] == a[:2] else "change"
+            changes.append(Change(kind, subject, b[1], a[1], a[2]))
+        elif a is not None:
+            subject += f" ({a[0]})" if key[0] != "setting" else ""
+            changes.append(Change("add", subject, None, a[1], a[2]))
+        elif b is not None:
+            subject += f" ({b[0]})" if key[0] != "setting" else ""
+            changes.append(Change("remove", subject, b[1], None, b[2]))
+    return changes

@@ -1,0 +1,92 @@
+"""Shared fixtures: sandboxed Docker hosts (dockfence.lab.Lab) for tests marked ``lab``.
+
+``lab`` is module-scoped and parametrized over the Docker versions available: the system's
+dockerd (Debian 12: 20.10) and Docker 28.5 unpacked by scripts/fetch-docker28.sh into
+$DOCKFENCE_DOCKER28_DIR (default /opt/dockfence/docker28). Each module gets one started lab per
+version, stopped when the module is done. ``lab_factory`` starts extra labs (other dockerd
+flags, e.g. IPv6) that are stopped at the end of the module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from dockfence.lab import SYSTEM_PATH, Lab
+
+DOCKER28_DIR = Path(os.environ.get("DOCKFENCE_DOCKER28_DIR", "/opt/dockfence/docker28"))
+
+# flavour name -> one-letter tag used in lab names
+FLAVOURS = {"system": "s", "docker28": "n"}
+
+_counter = itertools.count()
+
+LabFactory = Callable[..., Lab]
+
+
+def lab_skip_reason() -> str | None:
+    """Why lab tests cannot run on this machine, or None."""
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, dockerd)"
+    for tool in ("dockerd", "containerd", "nsenter", "ip", "iptables"):
+        if shutil.which(tool, path=SYSTEM_PATH) is None:
+            return f"lab tests need {tool} (apt-get install docker.io iptables iproute2)"
+    if not Path("/bin/busybox").exists():
+        return "lab tests need /bin/busybox (apt-get install busybox-static)"
+    if shutil.which("cc", path=SYSTEM_PATH) is None:
+        return "lab tests need a C compiler for the UDP echo server (apt-get install gcc)"
+    return None
+
+
+def docker_bin_dir(flavour: str) -> str | None:
+    """The docker_bin_dir for a flavour; skips the test when that Docker is not installed."""
+    if flavour == "system":
+        return None
+    bindir = DOCKER28_DIR / "bin"
+    if not (bindir / "dockerd").exists():
+        pytest.skip(
+            f"Docker 28 not found in {DOCKER28_DIR} (run scripts/fetch-docker28.sh "
+            "or set DOCKFENCE_DOCKER28_DIR)"
+        )
+    return str(bindir)
+
+
+def unique_lab_name(flavour: str) -> str:
+    # t + pid + flavour + counter: unique per run and per lab, <= 8 characters.
+    return f"t{os.getpid() % 10000}{FLAVOURS[flavour]}{next(_counter) % 100}"
+
+
+@pytest.fixture(scope="module")
+def lab_factory() -> Iterator[LabFactory]:
+    """make(flavour="system", dockerd_args=()) -> a started Lab, stopped after the module."""
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    labs: list[Lab] = []
+
+    def make(flavour: str = "system", dockerd_args: Sequence[str] = ()) -> Lab:
+        lab = Lab(
+            unique_lab_name(flavour),
+            docker_bin_dir=docker_bin_dir(flavour),
+            dockerd_args=dockerd_args,
+        )
+        labs.append(lab)
+        lab.start()
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in reversed(labs):
+            lab.stop()
+
+
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def lab(request: pytest.FixtureRequest, lab_factory: LabFactory) -> Lab:
+    """A started lab per Docker version (system 20.10, Docker 28.5), shared by a module."""
+    return lab_factory(request.param)

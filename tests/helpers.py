@@ -1,0 +1,56 @@
+"""Shared builders for the pure-core tests."""
+
+from __future__ import annotations
+
+from dockfence.model import Binding, Container, Inventory
+
+
+def container(
+    name: str,
+    *ports: tuple[str, int, int],
+    service: str | None = None,
+    addresses: tuple[str, ...] = (),
+    host_ip: str = "0.0.0.0",
+) -> Container:
+    """ports: (proto, host_port, container_port), published on host_ip and on [::]."""
+    bindings = []
+    for proto, host_port, container_port in ports:
+        bindings.append(Binding(proto, host_ip, host_port, container_port))
+        if host_ip == "0.0.0.0":
+            bindings.append(Binding(proto, "::", host_port, container_port))
+    return Container(name, name * 4, service, tuple(bindings), addresses)
+
+
+def scenario() -> Inventory:
+    """The README's example host: django and admin share container port 8080."""
+    return Inventory(
+        containers=(
+            container("django", ("tcp", 8081, 8080), service="web", addresses=("172.17.0.2",)),
+            container("admin", ("tcp", 8082, 8080), addresses=("172.17.0.3",)),
+            container("postgres", ("tcp", 5432, 5432), addresses=("172.17.0.4",)),
+            container("dns", ("udp", 5353, 53), addresses=("172.17.0.5",)),
+            container("local", ("tcp", 9000, 9000), host_ip="127.0.0.1"),
+        ),
+        bridges=("docker0",),
+    )
+
+
+POLICY = """\
+version: 1
+lists:
+  office: [203.0.113.0/28, "2001:db8:1::/64"]
+host:
+  default: deny
+  allow:
+    - port: 22/tcp
+      from: any
+containers:
+  default: deny
+  allow:
+    - container: django
+      port: 8080/tcp
+      from: [office, 198.51.100.7]
+    - container: dns
+      port: 53/udp
+      from: any
+"""
