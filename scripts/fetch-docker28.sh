@@ -38,13 +38,24 @@ fi
 # sid as a source that apt never prefers: priority 40 < 100 (installed) < 500 (bookworm), so
 # `apt-get upgrade/install` keep choosing bookworm; only an explicit `pkg/sid` reaches it.
 if [[ ! -f "$SOURCES" ]]; then
-    cat >"$SOURCES" <<'EOF'
+    # Use the Debian mirror this machine is already configured with.
+    mirror="$(grep -h -E '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk '{print $2}' | grep -v security | head -n1 || true)"
+    if [[ -z "$mirror" ]]; then
+        mirror="$(grep -h -E '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' \
+            | grep -v security | head -n1 || true)"
+    fi
+    if [[ -z "$mirror" ]]; then
+        log "no Debian mirror found in the apt sources"
+        exit 1
+    fi
+    cat >"$SOURCES" <<EOF
 # added by dockfence scripts/fetch-docker28.sh: only to download docker.io/containerd 28.x
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: ${mirror}
 Suites: sid
 Components: main
-Architectures: amd64
+Architectures: $(dpkg --print-architecture)
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
 fi

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what dockfence, its demo and its tests need on a fresh Debian 12 machine (as root):
+# the system tools from apt, then dockfence itself with pip. Idempotent and quiet.
+#   scripts/bootstrap.sh          tools + `pip install .`
+#   scripts/bootstrap.sh --test   also the test tools and Docker 28.5 (scripts/fetch-docker28.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
+    exit 1
+fi
+APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev)
+missing=()
+for pkg in "${APT[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "bootstrap: apt-get install ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# dockerd is started only inside lab namespaces: never let a package start one on the host.
+if command -v systemctl >/dev/null && systemctl is-active -q docker 2>/dev/null; then
+    echo "bootstrap: note: a system dockerd is running; dockfence's lab does not use it" >&2
+fi
+
+extra=""
+if [[ "${1:-}" == "--test" ]]; then
+    extra="[test]"
+    scripts/fetch-docker28.sh /opt/dockfence/docker28
+fi
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore ".${extra}"
