@@ -3,10 +3,14 @@ failure, 2 invalid policy or usage; nothing is changed on any failure."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
@@ -126,6 +130,26 @@ def apply(policy_path: str, force: bool) -> None:
     changed = sum(c.kind != "keep" for c in plan.changes)
     out.print(f"[bold green]Applied[/] ({changed} change(s)) as one transaction."
               + (f" Cut {cut} established connection(s) the policy now denies." if cut else ""))
+
+
+@main.command()
+@policy_option
+@click.option("--interval", type=click.FloatRange(0.2, 60), default=2.0, show_default=True,
+              help="Seconds between checks of Docker's events and the policy file.")
+@_errors
+def watch(policy_path: str, interval: float) -> None:
+    """Keep the rules right while containers and networks come and go: apply now, then again on
+    every relevant Docker event or policy edit. Stop with Ctrl-C (the rules stay)."""
+    policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
+
+    def report(line: str) -> None:
+        out.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        engine.watch(policy_path, report, interval=interval, stop=stop)
+    report("stopped; the rules stay in place")
 
 
 @main.command()

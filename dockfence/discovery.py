@@ -8,6 +8,7 @@ API version.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Any
 
@@ -25,8 +26,8 @@ def _client() -> docker.DockerClient:
     try:
         return docker.from_env(timeout=15)
     except docker.errors.DockerException as exc:
-        raise OperationalError(f"cannot reach Docker (DOCKER_HOST or /var/run/docker.sock): "
-                               f"{exc}") from None
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise OperationalError(f"cannot reach Docker at {where}: {exc}") from None
 
 
 def bindings_of(ports: dict[str, Any] | None) -> tuple[Binding, ...]:
@@ -91,3 +92,31 @@ def inventory() -> Inventory:
                      bridges=tuple(bridges),
                      firewall_backend=info.get("FirewallBackend", {}).get("Driver", "iptables")
                      if isinstance(info.get("FirewallBackend"), dict) else "iptables")
+
+
+# Changes that can alter the inventory: containers starting or going, networks (bridges) and
+# their attachments. Everything else (exec, health, attach ...) is noise.
+RELEVANT_EVENTS = {
+    "container": {"start", "die", "destroy", "rename", "update"},
+    "network": {"create", "destroy", "connect", "disconnect"},
+}
+
+
+def changes_between(since: float, until: float) -> list[str]:
+    """Docker events in [since, until), blocking until `until`; descriptions of the relevant
+    ones. The daemon replays past events from `since`, so consecutive windows lose nothing."""
+    client = _client()
+    try:
+        events = client.events(since=since, until=until, decode=True,
+                               filters={"type": list(RELEVANT_EVENTS)})
+        out = []
+        for ev in events:
+            kind, action = ev.get("Type", ""), str(ev.get("Action", "")).split(":")[0]
+            if action in RELEVANT_EVENTS.get(kind, ()):
+                name = (ev.get("Actor") or {}).get("Attributes", {}).get("name", "?")
+                out.append(f"{kind} {name} {action}")
+        return out
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise OperationalError(f"Docker API error: {exc}") from None
+    finally:
+        client.close()

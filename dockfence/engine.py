@@ -6,14 +6,16 @@ import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import discovery, policy
 from .backends import nftables as nft
 from .compile import compile_policy
-from .errors import OperationalError, UsageError
+from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
 from .model import Inventory, Ruleset
 from .plan import Change, diff
@@ -258,3 +260,51 @@ def status() -> Status:
         host_default = "anyone" if live.host.default == "allow" else "nobody"
     return Status(live is not None, ports, host_rules, host_default, warnings,
                   inv.firewall_backend)
+
+
+def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0,
+          stop: threading.Event | None = None) -> None:
+    """Apply now, then again whenever Docker's containers or networks change or the policy file
+    is edited. Errors never remove rules: a bad policy edit keeps the last good rules until the
+    file changes again; Docker or kernel errors are retried after a full resync."""
+    stop = stop or threading.Event()
+    last_mtime: int | None = None
+    pending = "start"
+    since = time.time()
+    while not stop.is_set():
+        try:
+            mtime = os.stat(policy_path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != last_mtime:
+            last_mtime, pending = mtime, pending or "policy file changed"
+        if pending:
+            try:
+                plan, cut = apply(policy_path)
+                changed = sum(c.kind != "keep" for c in plan.changes)
+                report(f"{pending}: " + ("no changes" if plan.unchanged else
+                                         f"applied {changed} change(s)" +
+                                         (f", cut {cut} connection(s)" if cut else "")))
+                for w in plan.warnings:
+                    report(f"warning: {w}")
+                pending = ""
+            except PolicyError as exc:
+                report(f"{pending}: policy rejected, keeping the current rules: {exc}")
+                pending = ""  # wait for the next edit rather than repeating the error
+            except DockfenceError as exc:
+                report(f"{pending}: {exc}; retrying")
+                stop.wait(interval)
+                since = time.time()
+                continue
+        now = time.time()
+        try:
+            events = discovery.changes_between(since, now + interval)
+        except DockfenceError as exc:
+            report(f"Docker events: {exc}; resyncing")
+            pending = "resync after reconnect"
+            stop.wait(interval)
+            since = time.time()
+            continue
+        since = now + interval
+        if events:
+            pending = ", ".join(events[:3]) + (" ..." if len(events) > 3 else "")
