@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from dockfence.cli import main
+
 from helpers import POLICY
 
 

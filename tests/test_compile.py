@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from helpers import POLICY, container, scenario
 
 from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.errors import OperationalError
 from dockfence.explain import explain
 from dockfence.model import Binding, Container, Inventory
+
+from helpers import POLICY, container, scenario
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -3,13 +3,13 @@ protection, and reading Docker's JSON."""
 
 from __future__ import annotations
 
-from helpers import POLICY, scenario
-
 from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.discovery import bindings_of, bridge_name, container_of
 from dockfence.engine import flows_to_cut, lockout, parse_conntrack
 from dockfence.plan import diff
+
+from helpers import POLICY, scenario
 
 LOCAL = {"203.0.113.1", "2001:db8:1::1", "172.17.0.1", "127.0.0.1"}
 

@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import POLICY, scenario
 
 from dockfence import policy
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.model import Binding, Container, Inventory
+
+from helpers import POLICY, scenario
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {

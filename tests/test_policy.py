@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from helpers import POLICY
 
 from dockfence import policy
 from dockfence.errors import PolicyError
+
+from helpers import POLICY
 
 
 def test_example_policy_parses() -> None:
