@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import engine, policy
@@ -37,7 +38,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DockfenceError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
             sys.exit(exc.exit_code)
     return wrapper
 
@@ -51,7 +52,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _warn(warnings: list[str]) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        err.print(f"[yellow]warning:[/] {escape(w)}", markup=True)
 
 
 def _emit_json(data: object) -> None:
@@ -78,6 +79,16 @@ _MARK = {"add": ("+", "green"), "remove": ("-", "red"), "change": ("~", "yellow"
          "keep": ("=", "dim")}
 
 
+def _delta(before: str | None, after: str | None) -> str:
+    """For two source lists: which entries are added and which removed."""
+    b, a = set((before or "").split(", ")), set((after or "").split(", "))
+    if {"anyone", "nobody"} & (a | b):
+        return ""
+    parts = [f"adds {', '.join(sorted(a - b))}" if a - b else "",
+             f"removes {', '.join(sorted(b - a))}" if b - a else ""]
+    return f"  [{'; '.join(p for p in parts if p)}]"
+
+
 def _show_plan(plan: engine.Plan, verbose: bool) -> None:
     if plan.live is None:
         out.print("dockfence is not installed on this host yet; apply would install:")
@@ -88,11 +99,11 @@ def _show_plan(plan: engine.Plan, verbose: bool) -> None:
             continue
         mark, colour = _MARK[ch.kind]
         if ch.kind == "change":
-            text = f"{ch.subject}: {ch.before} -> {ch.after}"
+            text = f"{ch.subject}: {ch.before} -> {ch.after}{_delta(ch.before, ch.after)}"
         else:
             text = f"{ch.subject}: {ch.after if ch.after is not None else ch.before}"
-        origin = f"  [dim]({ch.origin})[/]" if ch.origin and ch.kind != "remove" else ""
-        out.print(f"[{colour}]{mark} {text}[/]{origin}", markup=True)
+        origin = f"  [dim]({escape(ch.origin)})[/]" if ch.origin and ch.kind != "remove" else ""
+        out.print(f"[{colour}]{mark} {escape(text)}[/]{origin}", markup=True)
     if not plan.unchanged and plan.live is not None and all(
             c.kind == "keep" for c in plan.changes):
         out.print("~ the decisions are the same; comments or structure differ "
@@ -172,15 +183,15 @@ def status(as_json: bool) -> None:
                 "decided by"):
         table.add_column(col)
     for p in st.ports:
-        who = f"[yellow]{p.who}[/]" if p.warning else p.who
-        table.add_row(p.container, p.host, p.container_port, who, p.decided_by)
+        who = f"[yellow]{escape(p.who)}[/]" if p.warning else escape(p.who)
+        table.add_row(p.container, escape(p.host), p.container_port, who, escape(p.decided_by))
     out.print(table)
     if st.host_default is not None:
         host = Table(title="Host ports", title_justify="left")
         for col in ("port", "who may connect", "decided by"):
             host.add_column(col)
         for row in st.host_rules:
-            host.add_row(*row)
+            host.add_row(*(escape(cell) for cell in row))
         host.add_row("any other", st.host_default, "host.default")
         out.print(host)
     elif st.installed:
@@ -213,10 +224,10 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         return
     words = {"allow": "[bold green]ALLOWED[/]", "deny": "[bold red]DENIED[/]",
              None: "[bold]NOT FILTERED[/]"}
-    out.print(f"{words[ex.verdict]}  {ex.source} -> {ex.target}  (port {ex.port}/{ex.proto})",
-              markup=True)
-    out.print(f"  decided by: {ex.decided_by}")
-    out.print(f"  why: {ex.reason}")
+    out.print(f"{words[ex.verdict]}  {escape(ex.source)} -> {escape(ex.target)}  "
+              f"(port {ex.port}/{ex.proto})", markup=True)
+    out.print(f"  decided by: {ex.decided_by}", markup=False)
+    out.print(f"  why: {ex.reason}", markup=False)
     if not applied:
         err.print("[yellow]note:[/] dockfence is not applied on this host: this is what the "
                   "policy would do once applied", markup=True)

@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tarfile
 import threading
@@ -300,6 +301,151 @@ def probe_from(
         sock.close()
 
 
+class Listener:
+    """A TCP or UDP echo server on one socket inside a namespace, served by daemon threads.
+
+    Stands in for a host service (sshd) or for a server "on the internet" that containers
+    connect to. TCP: every accepted connection first gets `banner`, then its data echoed until
+    the peer closes. UDP: every datagram is echoed. Bound to `address` (default `::`, dual-stack,
+    so both IPv4 and IPv6 reach it). `accepted` counts TCP connections and UDP datagrams.
+    """
+
+    def __init__(
+        self,
+        netns: str,
+        port: int,
+        proto: str = "tcp",
+        address: str = "::",
+        banner: bytes = b"",
+    ) -> None:
+        proto = proto.lower()
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"proto must be tcp or udp, not {proto!r}")
+        self.netns, self.port, self.proto, self.banner = netns, port, proto, banner
+        self.accepted = 0
+        self._stop = threading.Event()
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        family = _family_of(address)
+        self._sock = socket_in_netns(netns, family, kind)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._sock.bind(_sockaddr(address, port))
+            if proto == "tcp":
+                self._sock.listen(128)
+            self._sock.settimeout(0.2)
+        except BaseException:
+            self._sock.close()
+            raise
+        serve = self._serve_tcp if proto == "tcp" else self._serve_udp
+        self._thread = threading.Thread(
+            target=serve, name=f"listen-{netns}-{port}/{proto}", daemon=True
+        )
+        self._thread.start()
+
+    def _serve_tcp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(None)
+                if self.banner:
+                    conn.sendall(self.banner)
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def _serve_udp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self._sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with contextlib.suppress(OSError):
+                self._sock.sendto(data, peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Connection:
+    """A long-lived TCP connection opened from a namespace (see Lab.connect), to an echo server.
+
+    `echo()` tells whether the connection can still exchange data, e.g. after a policy change.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def echo(self, payload: bytes | None = None, timeout: float = 1.5) -> bool:
+        """Send payload; True when the same bytes come back within timeout."""
+        data = payload or f"dockfence-echo {time.monotonic_ns()}\n".encode()
+        deadline = time.monotonic() + timeout
+        got = b""
+        try:
+            self.sock.sendall(data)
+            while len(got) < len(data):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return False
+                got += chunk
+        except OSError:  # timeout, reset
+            return False
+        return got == data
+
+    def close(self) -> None:
+        """Close with a reset (SO_LINGER 0): one RST, no FIN retransmitted for minutes through
+        a firewall that may drop it."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_from(netns: str, src: str, dst: str, port: int, timeout: float = 2.0) -> Connection:
+    """Open a TCP connection from namespace netns, source address src, to dst:port."""
+    sock = socket_in_netns(netns, _family_of(dst), socket.SOCK_STREAM)
+    try:
+        sock.bind(_sockaddr(src, 0))
+        sock.settimeout(timeout)
+        sock.connect(_sockaddr(dst, port))
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock)
+
+
 class Lab:
     """A real dockerd inside its own network namespace plus outside client namespaces."""
 
@@ -339,6 +485,7 @@ class Lab:
         self._dockerd: subprocess.Popen[bytes] | None = None
         self._containerd: subprocess.Popen[bytes] | None = None
         self._container_ids: set[str] = set()
+        self._listeners: list[Listener] = []
         self.timings: dict[str, float] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -393,6 +540,9 @@ class Lab:
             self._stop_quietly()
 
     def _stop_quietly(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         # Graceful first: docker removes containers, their cgroups and mounts itself.
         if self._dockerd_alive():
             with contextlib.suppress(Exception):
@@ -579,6 +729,19 @@ class Lab:
             if net.get(key):
                 return str(net[key])
         raise LabError(f"container {name} has no IPv{family} address")
+
+    def listen(self, netns: str, port: int, proto: str = "tcp", banner: bytes = b"") -> Listener:
+        """An echo server on [::]:port (dual-stack) inside one of the lab's namespaces, e.g. a
+        host service in lab.host_ns; closed by stop() at the latest."""
+        listener = Listener(netns, port, proto, banner=banner)
+        self._listeners.append(listener)
+        return listener
+
+    def connect(
+        self, client: str, src: str, dst: str, port: int, timeout: float = 2.0
+    ) -> Connection:
+        """A long-lived TCP connection from namespace client, source src, to dst:port."""
+        return connect_from(client, src, dst, port, timeout)
 
     def probe(
         self,
