@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from .model import (
     PROTOS,
     Binding,
     Container,
+    DirectGate,
     Gate,
     HostRules,
     Inventory,
+    IPAddress,
     PortRange,
     Proto,
     Ruleset,
@@ -138,6 +141,27 @@ def _segments(claims: list[_Claim]) -> list[Gate]:
     return gates
 
 
+def _direct(published: list[tuple[Container, Binding]], gates: list[Gate]) -> list[DirectGate]:
+    """Allow routing straight to a container's address and port exactly where its published
+    host port is allowed; every other direct connection is dropped. Keyed on addresses, so a
+    recreated container needs an apply (or `watch`) before direct routing reaches it again."""
+    found: dict[tuple[IPAddress, str, int], DirectGate] = {}
+    for c, b in published:
+        gate = next((g for g in gates if g.proto == b.proto and b.host_port in g.ports), None)
+        if gate is None or gate.sources.nobody:
+            continue
+        for text in c.addresses:
+            address = ipaddress.ip_address(text)
+            key = (address, b.proto, b.container_port)
+            old = found.get(key)
+            sources = gate.sources if old is None else old.sources.union(gate.sources)
+            origin = gate.origin if old is None or old.origin == gate.origin \
+                else f"{old.origin}, {gate.origin}"
+            found[key] = DirectGate(address, gate.proto, b.container_port, sources,
+                                    binding_label(c, b), origin)
+    return [found[k] for k in sorted(found, key=lambda k: (k[0].version, k[0], k[1], k[2]))]
+
+
 def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
     warnings: list[str] = []
     published = _published(inventory)
@@ -180,6 +204,7 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         unknown_origin=default_origin,
         outside=tuple(sorted(policy.interfaces)) if policy.interfaces else None,
         docker_bridges=bridges,
+        direct=tuple(_direct(published, container_gates)),
         host=host,
         warnings=tuple(warnings),
     )

@@ -36,12 +36,20 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
         return Explanation(str(source), port, proto, verdict, target, decided_by, reason)
 
     if to is not None:
+        direct = next((d for d in rs.direct if d.address == to and d.proto == proto
+                       and d.port == port), None)
+        if direct is not None:
+            ok = direct.sources.admits(source)
+            return result("allow" if ok else "deny",
+                          f"{direct.label} (direct route to container address {to})",
+                          direct.origin, f"{'allowed' if ok else 'not in the allow-list'} of "
+                          f"the published port: {direct.sources}")
         for c in inventory.containers:
             if str(to) in c.addresses:
-                return result("deny", f"{c.name} (container address {to})",
+                return result("deny", f"{c.name} port {port}/{proto} (container address {to})",
                               "dockfence: direct routing",
                               "new connections routed straight to a container address are "
-                              "dropped; reach containers through their published ports")
+                              "dropped unless the port is published and allowed for the source")
 
     published = [(c, b) for c in inventory.containers for b in c.bindings
                  if b.proto == proto and b.host_port == port and not b.loopback_only

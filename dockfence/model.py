@@ -13,6 +13,7 @@ Proto = Literal["tcp", "udp"]
 PROTOS: tuple[Proto, ...] = ("tcp", "udp")
 Verdict = Literal["allow", "deny"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, order=True)
@@ -153,6 +154,20 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class DirectGate:
+    """Who may open new connections straight to a container address and port, without NAT (a
+    neighbour routing to the container, or Docker's routed mode): the same allow-list as the
+    published host port that leads to it."""
+
+    address: IPAddress
+    proto: Proto
+    port: int
+    sources: Sources
+    label: str
+    origin: str
+
+
+@dataclass(frozen=True)
 class HostRules:
     gates: tuple[Gate, ...]
     default: Verdict
@@ -168,5 +183,6 @@ class Ruleset:
     unknown_origin: str
     outside: tuple[str, ...] | None = None  # when set, only these interfaces are filtered
     docker_bridges: tuple[str, ...] = ()  # never filtered as sources; where containers live
+    direct: tuple[DirectGate, ...] = ()  # container address:port reachable without NAT
     host: HostRules | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)

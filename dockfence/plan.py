@@ -35,6 +35,10 @@ def facts(rs: Ruleset | None) -> Facts:
     if rs is None:
         return {}
     out = _gate_facts("published port", rs.container_gates)
+    for d in rs.direct:
+        where = f"[{d.address}]" if d.address.version == 6 else str(d.address)
+        out[("direct route to", f"{where}:{d.port}/{d.proto}")] = (d.label, str(d.sources),
+                                                                   d.origin)
     out[("setting", "published ports no rule names")] = (
         "new or unlisted published ports", "anyone" if rs.unknown_published == "allow"
         else "nobody", rs.unknown_origin)

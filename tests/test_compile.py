@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -129,7 +130,11 @@ def test_interfaces_and_bridges() -> None:
         ("203.0.113.5", 5353, "tcp", None, "deny", "host.default"),
         ("198.51.100.99", 22, "tcp", None, "allow", "p.yaml:7"),
         ("198.51.100.99", 23, "tcp", None, "deny", "host.default"),
-        ("203.0.113.5", 8080, "tcp", "172.17.0.2", "deny", "direct routing"),
+        ("203.0.113.20", 8080, "tcp", "172.17.0.2", "deny", "p.yaml:12"),
+        ("203.0.113.5", 8080, "tcp", "172.17.0.2", "allow", "p.yaml:12"),
+        ("203.0.113.5", 8080, "tcp", "172.17.0.3", "deny", "direct routing"),  # admin: nobody
+        ("203.0.113.5", 22, "tcp", "172.17.0.2", "deny", "direct routing"),  # not published
+        ("203.0.113.5", 53, "udp", "172.17.0.5", "allow", "p.yaml:15"),
     ],
 )
 def test_explain(
@@ -145,7 +150,7 @@ def test_same_inputs_same_ruleset() -> None:
     assert rules()[0] == rules()[0]
 
 
-def test_container_restart_with_new_address_changes_nothing() -> None:
+def test_container_restart_with_new_address_changes_only_direct_routes() -> None:
     rs1, _ = rules()
     moved = tuple(
         c
@@ -154,4 +159,14 @@ def test_container_restart_with_new_address_changes_nothing() -> None:
         for c in scenario().containers
     )
     rs2, _ = rules(inv=Inventory(containers=moved, bridges=("docker0",)))
-    assert rs1 == rs2
+    # only the direct routes (keyed on addresses) move with the container
+    assert replace(rs1, direct=()) == replace(rs2, direct=())
+    assert {str(d.address) for d in rs2.direct} == {"172.17.0.9", "172.17.0.5"}
+
+
+def test_direct_routes_follow_the_published_ports_allow_list() -> None:
+    rs, _ = rules()
+    direct = {(str(d.address), d.proto, d.port): d for d in rs.direct}
+    # django and dns only: admin and postgres are allowed to nobody, `local` is loopback-only
+    assert set(direct) == {("172.17.0.2", "tcp", 8080), ("172.17.0.5", "udp", 53)}
+    assert direct[("172.17.0.2", "tcp", 8080)].sources == gate(rs, "tcp", 8081).sources

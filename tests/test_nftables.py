@@ -71,6 +71,7 @@ def test_kernel_round_trip(name: str) -> None:
     assert back.unknown_published == rs.unknown_published
     assert back.outside == rs.outside
     assert sorted(back.docker_bridges) == sorted(rs.docker_bridges)
+    assert set(back.direct) == set(rs.direct)
 
 
 @needs_root

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import OperationalError
 from ..model import (
     PROTOS,
+    DirectGate,
     Gate,
     HostRules,
     IPNetwork,
@@ -101,6 +102,19 @@ class _Renderer:
         self.lines.append("\t}")
 
 
+    def direct_map(self, name: str, addr_type: str, gates: list[DirectGate]) -> None:
+        elements = ", ".join(
+            f"{g.address} . {g.port} comment {comment(g.label, g.origin)} : "
+            f"{self.allow_chain(g.sources)}" for g in gates)
+        self.lines += [f"\tmap {name} {{", f"\t\ttype {addr_type} . inet_service : verdict"]
+        if elements:
+            self.lines.append(f"\t\telements = {{ {elements} }}")
+        self.lines.append("\t}")
+
+
+_DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
+
+
 def _verdict(v: Verdict) -> str:
     return "accept" if v == "allow" else "drop"
 
@@ -114,6 +128,11 @@ def render(rs: Ruleset) -> str:
     if rs.host is not None:
         for proto in PROTOS:
             r.port_map(f"host_{proto}", [g for g in rs.host.gates if g.proto == proto])
+    for fam, _, addr_type, version in _DIRECT_MAPS:
+        for proto in PROTOS:
+            r.direct_map(f"direct_{fam}_{proto}", addr_type,
+                         [g for g in rs.direct if g.proto == proto
+                          and g.address.version == version])
 
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
     scope = []
@@ -137,6 +156,8 @@ def render(rs: Ruleset) -> str:
         "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
         f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
         f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
+        *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
+          for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
         f"\t\tcounter drop comment {comment(TAG_DIRECT)}",
         "\t}",
         "\tchain input {",
@@ -281,6 +302,17 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             out.append(Gate(proto, _ports(val), sources_of(verdict), label, origin))  # type: ignore[arg-type]
         return sorted(out, key=lambda g: g.ports)
 
+    def direct(map_name: str, proto: str) -> list[DirectGate]:
+        out = []
+        for key, verdict in maps.get(map_name, []):
+            val, text = (key["elem"]["val"], key["elem"].get("comment", "")) \
+                if isinstance(key, dict) and "elem" in key else (key, "")
+            address, port = val["concat"]
+            label, origin = _split(text)
+            out.append(DirectGate(ipaddress.ip_address(address), proto, int(port),  # type: ignore[arg-type]
+                                  sources_of(verdict), label, origin))
+        return out
+
     def tagged(chain: str, tag: str) -> tuple[Verdict, str] | None:
         for rule in rules.get(chain, []):
             label, origin = _split(rule.get("comment", ""))
@@ -319,5 +351,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         unknown_origin=unknown[1],
         outside=outside(),
         docker_bridges=bridges(),
+        direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
+                     for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,
     )
