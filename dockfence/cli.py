@@ -219,8 +219,10 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
     _, live_canon = engine.live_state()
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
     applied = live_canon is not None
+    in_force = applied and live_canon == engine.nft.canonical_of(rs)
     if as_json:
-        _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied})
+        _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
+                    "in_force": in_force})
         return
     words = {"allow": "[bold green]ALLOWED[/]", "deny": "[bold red]DENIED[/]",
              None: "[bold]NOT FILTERED[/]"}
@@ -231,6 +233,10 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
     if not applied:
         err.print("[yellow]note:[/] dockfence is not applied on this host: this is what the "
                   "policy would do once applied", markup=True)
+    elif not in_force:
+        err.print("[yellow]note:[/] the live rules differ from this policy and the running "
+                  "containers (see `dockfence plan`): this is what applying it would do",
+                  markup=True)
 
 
 @main.command()

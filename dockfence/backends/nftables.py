@@ -270,6 +270,13 @@ def _split(text: str) -> tuple[str, str]:
     return label, origin
 
 
+def _key(key: Any) -> tuple[Any, tuple[str, str]]:
+    """A map element's key and its `label | origin` comment."""
+    if isinstance(key, dict) and "elem" in key:
+        return key["elem"]["val"], _split(key["elem"].get("comment", ""))
+    return key, ("", "")
+
+
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
     sets: dict[str, list[IPNetwork]] = {}
@@ -296,19 +303,15 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
         for key, verdict in maps.get(map_name, []):
-            val, text = (key["elem"]["val"], key["elem"].get("comment", "")) \
-                if isinstance(key, dict) and "elem" in key else (key, "")
-            label, origin = _split(text)
+            val, (label, origin) = _key(key)
             out.append(Gate(proto, _ports(val), sources_of(verdict), label, origin))  # type: ignore[arg-type]
         return sorted(out, key=lambda g: g.ports)
 
     def direct(map_name: str, proto: str) -> list[DirectGate]:
         out = []
         for key, verdict in maps.get(map_name, []):
-            val, text = (key["elem"]["val"], key["elem"].get("comment", "")) \
-                if isinstance(key, dict) and "elem" in key else (key, "")
+            val, (label, origin) = _key(key)
             address, port = val["concat"]
-            label, origin = _split(text)
             out.append(DirectGate(ipaddress.ip_address(address), proto, int(port),  # type: ignore[arg-type]
                                   sources_of(verdict), label, origin))
         return out
