@@ -46,41 +46,41 @@ class _Claim:
     bare: bool = False  # a host-port rule without a container: applies to the port itself
 
 
-def _published(inventory: Inventory) -> list[tuple[Container, Binding]]:
+def _bindings(inventory: Inventory) -> list[tuple[Container, Binding]]:
     """Bindings reachable from outside that dockfence gates (tcp and udp, not loopback-only)."""
-    out = []
-    for c in inventory.containers:
-        for b in c.bindings:
-            if b.proto in PROTOS and not b.loopback_only:
-                out.append((c, b))
-    return out
+    return [(c, b) for c in inventory.containers for b in c.bindings
+            if b.proto in PROTOS and not b.loopback_only]
+
+
+def _selects(rule: ContainerRule, c: Container, b: Binding) -> bool:
+    """Does a rule name this binding (by container port, or by host port)?"""
+    spec = rule.port or rule.host_port
+    assert spec is not None
+    if (rule.container is not None and not c.matches(rule.container)) or b.proto != spec.proto:
+        return False
+    port = b.container_port if rule.port else b.host_port
+    return port in spec.ports
 
 
 def binding_label(c: Container, b: Binding) -> str:
     return f"{c.name} {b.container_port}/{b.proto}"
 
 
-def _rule_claims(policy: Policy, rule: ContainerRule, published: list[tuple[Container, Binding]],
+def _rule_claims(policy: Policy, rule: ContainerRule, bindings: list[tuple[Container, Binding]],
                  warnings: list[str]) -> list[_Claim]:
     origin = policy.where(rule.line)
-    claims: list[_Claim] = []
     spec = rule.port or rule.host_port
     assert spec is not None
-    for c, b in published:
-        if rule.container is not None and not c.matches(rule.container):
-            continue
-        if b.proto != spec.proto:
-            continue
-        port = b.container_port if rule.port else b.host_port
-        if port in spec.ports:
-            claims.append(_Claim(spec.proto, PortRange(b.host_port, b.host_port), rule.sources,
-                                 binding_label(c, b), origin, True))
+    selected = [(c, b) for c, b in bindings if _selects(rule, c, b)]
+    claims = [_Claim(spec.proto, PortRange(b.host_port, b.host_port), rule.sources,
+                     binding_label(c, b), origin, True)
+              for c, b in selected if b.host_port is not None]
     if rule.host_port is not None and rule.container is None:
         # A bare host-port rule gates the port itself, whether or not a container publishes it
         # yet: it keeps working when containers come and go.
         claims.append(_Claim(spec.proto, spec.ports, rule.sources, f"host port {spec}", origin,
                              True, bare=True))
-    elif not claims:
+    elif not selected:
         warnings.append(f"{origin}: rule for {rule.describe()} selects no running container "
                         "(it takes effect once one is running and dockfence is applied again)")
     return claims
@@ -141,36 +141,57 @@ def _segments(claims: list[_Claim]) -> list[Gate]:
     return gates
 
 
-def _direct(published: list[tuple[Container, Binding]], gates: list[Gate]) -> list[DirectGate]:
-    """Allow routing straight to a container's address and port exactly where its published
-    host port is allowed; every other direct connection is dropped. Keyed on addresses, so a
-    recreated container needs an apply (or `watch`) before direct routing reaches it again."""
+def _direct(policy: Policy, bindings: list[tuple[Container, Binding]], gates: list[Gate],
+            default_origin: str) -> list[DirectGate]:
+    """Who may route straight to a container's own address and port. Only on networks where
+    Docker itself opens published ports there (routed mode) and only as far as the port's
+    allow-list goes: the host-port gate's list, or for routed-only ports (no host port) the
+    rules that name the container port. Everything else sent to a container address is dropped.
+    Keyed on addresses: after a recreate, the next apply (or `watch`) moves it."""
     found: dict[tuple[IPAddress, str, int], DirectGate] = {}
-    for c, b in published:
-        gate = next((g for g in gates if g.proto == b.proto and b.host_port in g.ports), None)
-        if gate is None or gate.sources.nobody:
+    for c, b in bindings:
+        if not c.routed_addresses:
             continue
-        for text in c.addresses:
+        if b.host_port is not None:
+            gate = next((g for g in gates if g.proto == b.proto and b.host_port in g.ports),
+                        None)
+            if gate is None:
+                continue
+            sources, origin = gate.sources, gate.origin
+        else:
+            rules = [r for r in policy.container_rules if r.port and _selects(r, c, b)]
+            sources = default_sources(policy.container_default)
+            origin = default_origin
+            if rules:
+                sources = Sources.of([n for r in rules for n in r.sources.networks],
+                                     any(r.sources.any for r in rules))
+                origin = ", ".join(policy.where(r.line) for r in rules)
+        if sources.nobody:
+            continue
+        for text in c.routed_addresses:
             address = ipaddress.ip_address(text)
+            if address.version != b.family:
+                continue
             key = (address, b.proto, b.container_port)
             old = found.get(key)
-            sources = gate.sources if old is None else old.sources.union(gate.sources)
-            origin = gate.origin if old is None or old.origin == gate.origin \
-                else f"{old.origin}, {gate.origin}"
-            found[key] = DirectGate(address, gate.proto, b.container_port, sources,
-                                    binding_label(c, b), origin)
+            if old is not None:
+                sources = old.sources.union(sources)
+                origin = old.origin if old.origin == origin else f"{old.origin}, {origin}"
+            found[key] = DirectGate(address, b.proto, b.container_port,  # type: ignore[arg-type]
+                                    sources, binding_label(c, b), origin)
     return [found[k] for k in sorted(found, key=lambda k: (k[0].version, k[0], k[1], k[2]))]
 
 
 def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
     warnings: list[str] = []
-    published = _published(inventory)
+    bindings = _bindings(inventory)
+    published = [(c, b) for c, b in bindings if b.host_port is not None]
 
     default_origin = f"{policy.where(policy.lines['containers.default'])} " \
                      f"(containers.default: {policy.container_default})"
     claims: list[_Claim] = []
     for rule in policy.container_rules:
-        claims.extend(_rule_claims(policy, rule, published, warnings))
+        claims.extend(_rule_claims(policy, rule, bindings, warnings))
     for c, b in published:
         claims.append(_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
                              default_sources(policy.container_default), binding_label(c, b),
@@ -204,7 +225,7 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         unknown_origin=default_origin,
         outside=tuple(sorted(policy.interfaces)) if policy.interfaces else None,
         docker_bridges=bridges,
-        direct=tuple(_direct(published, container_gates)),
+        direct=tuple(_direct(policy, bindings, container_gates, default_origin)),
         host=host,
         warnings=tuple(warnings),
     )

@@ -39,13 +39,29 @@ def bindings_of(ports: dict[str, Any] | None) -> tuple[Binding, ...]:
             host_ip = h.get("HostIp") or "0.0.0.0"
             try:
                 ipaddress.ip_address(host_ip)
-                out.append(Binding(proto or "tcp", host_ip, int(h["HostPort"]), int(port)))
+                # an empty HostPort: routed mode publishes the container port itself
+                host_port = int(h["HostPort"]) if h.get("HostPort") else None
+                out.append(Binding(proto or "tcp", host_ip, host_port, int(port)))
             except (ValueError, KeyError, TypeError):
                 continue  # not a port Docker could have published; nothing to gate
-    return tuple(sorted(set(out), key=lambda b: (b.proto, b.host_port, b.host_ip)))
+    return tuple(sorted(set(out), key=lambda b: (b.proto, b.host_port or 0, b.container_port,
+                                                 b.host_ip)))
 
 
-def container_of(attrs: dict[str, Any]) -> Container | None:
+DIRECT_MODES = {"routed", "nat-unprotected"}
+
+
+def routed_families(net: dict[str, Any]) -> set[int]:
+    """IP versions for which a network lets outside traffic reach container addresses."""
+    options = net.get("Options") or {}
+    return {v for v in (4, 6)
+            if options.get(f"com.docker.network.bridge.gateway_mode_ipv{v}") in DIRECT_MODES}
+
+
+def container_of(attrs: dict[str, Any],
+                 routed: dict[str, set[int]] | None = None) -> Container | None:
+    """A container from `GET /containers/{id}/json`; `routed` maps network ids to the IP
+    versions routed on them."""
     name = attrs.get("Name", "").lstrip("/")
     if not _SAFE_NAME.match(name):
         return None
@@ -55,12 +71,17 @@ def container_of(attrs: dict[str, Any]) -> Container | None:
         service = None  # labels are free text; an odd one cannot be selected by the policy
     settings = attrs.get("NetworkSettings") or {}
     addresses: list[str] = []
+    direct: list[str] = []
     for net in (settings.get("Networks") or {}).values():
-        for key in ("IPAddress", "GlobalIPv6Address"):
+        families = (routed or {}).get(net.get("NetworkID", ""), set())
+        for key, version in (("IPAddress", 4), ("GlobalIPv6Address", 6)):
             if net.get(key):
                 addresses.append(net[key])
+                if version in families:
+                    direct.append(net[key])
     return Container(name=name, id=attrs.get("Id", ""), service=service,
-                     bindings=bindings_of(settings.get("Ports")), addresses=tuple(addresses))
+                     bindings=bindings_of(settings.get("Ports")), addresses=tuple(addresses),
+                     routed_addresses=tuple(direct))
 
 
 def bridge_name(net: dict[str, Any]) -> str | None:
@@ -74,16 +95,18 @@ def inventory() -> Inventory:
     client = _client()
     try:
         info = client.api.info()
+        networks = client.api.networks()
+        routed = {n["Id"]: routed_families(n) for n in networks}
         containers = []
         for summary in client.api.containers():
             try:
                 attrs = client.api.inspect_container(summary["Id"])
             except docker.errors.NotFound:
                 continue  # gone between list and inspect
-            c = container_of(attrs)
+            c = container_of(attrs, routed)
             if c is not None:
                 containers.append(c)
-        bridges = sorted({b for n in client.api.networks() if (b := bridge_name(n))})
+        bridges = sorted({b for n in networks if (b := bridge_name(n))})
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:

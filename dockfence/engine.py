@@ -17,7 +17,7 @@ from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
-from .model import Inventory, Ruleset
+from .model import Binding, Container, Inventory, Ruleset
 from .plan import Change, diff
 from .run import run
 
@@ -116,6 +116,10 @@ class Flow:
     dst: str
     sport: int
     dport: int
+    live: bool = True  # carries traffic: TCP ESTABLISHED (or opening), or any UDP flow
+
+
+_TCP_LIVE = {"SYN_SENT", "SYN_RECV", "ESTABLISHED"}
 
 
 def parse_conntrack(text: str) -> list[Flow]:
@@ -130,8 +134,10 @@ def parse_conntrack(text: str) -> list[Flow]:
             k, sep, v = w.partition("=")
             if sep and k not in kv:
                 kv[k] = v
+        live = words[0] == "udp" or (len(words) > 3 and words[3] in _TCP_LIVE)
         try:
-            flows.append(Flow(words[0], kv["src"], kv["dst"], int(kv["sport"]), int(kv["dport"])))
+            flows.append(Flow(words[0], kv["src"], kv["dst"], int(kv["sport"]),
+                              int(kv["dport"]), live))
         except (KeyError, ValueError):
             continue
     return flows
@@ -139,14 +145,20 @@ def parse_conntrack(text: str) -> list[Flow]:
 
 def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inventory,
                  local: set[str]) -> list[Flow]:
-    """Flows from outside that the old rules (or no rules) let in and the new ones deny."""
-    inside = local | {a for c in inv.containers for a in c.addresses}
+    """Flows from outside to containers (through a published port or routed straight to a
+    container address) that the old rules, or no rules, let in and the new ones deny. Flows to
+    the host's own ports are never cut: that could be the operator's own session."""
+    containers = {a for c in inv.containers for a in c.addresses}
+    inside = local | containers
     cut = []
     for f in flows:
-        if f.src in inside or f.dst not in local:
-            continue
-        if not any(g.proto == f.proto and f.dport in g.ports for g in new.container_gates):
-            continue  # only container ports: never cut the operator's own session to the host
+        if f.src in inside:
+            continue  # opened by the host or a container
+        if f.dst in local:
+            if not any(g.proto == f.proto and f.dport in g.ports for g in new.container_gates):
+                continue
+        elif f.dst not in containers:
+            continue  # routed elsewhere: not dockfence's business
         src, dst = ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst)
         proto = "udp" if f.proto == "udp" else "tcp"
         now = explain(new, inv, src, f.dport, proto, dst).verdict
@@ -162,6 +174,10 @@ def _local_addresses() -> set[str]:
 
 
 def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
+    """Stop flows the new rules deny. Deleting their conntrack entries is not enough: the
+    container's next packet (a push, a keepalive) would recreate the entry in the other
+    direction and pass as a container's own traffic. So the entries are kept and marked, and
+    the table drops marked packets both ways. Returns how many live flows were cut."""
     try:
         flows = []
         for family in ("ipv4", "ipv6"):
@@ -170,10 +186,12 @@ def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
         cut = flows_to_cut(flows, old, new, inv, _local_addresses())
     except OperationalError:
         return 0  # no conntrack tool: new connections are still filtered
-    for f in cut:
-        run(["conntrack", "-D", "-p", f.proto, "-s", f.src, "-d", f.dst, "--sport", str(f.sport),
-             "--dport", str(f.dport)], check=False)
-    return len(cut)
+    # One update per (proto, src, dst, dport): the verdict depends on nothing else, and a
+    # client that opened thousands of connections costs one call, not thousands.
+    for proto, src, dst, dport in sorted({(f.proto, f.src, f.dst, f.dport) for f in cut}):
+        run(["conntrack", "-U", "-p", proto, "-s", src, "-d", dst, "--dport", str(dport),
+             "--mark", str(nft.REVOKED_MARK)], check=False)
+    return sum(f.live for f in cut)
 
 
 def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | None:
@@ -214,36 +232,51 @@ class Status:
     firewall_backend: str
 
 
+def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
+    row = {"container": c.name, "host": b.host_endpoint(),
+           "container_port": f"{b.container_port}/{b.proto}"}
+    if b.loopback_only:
+        return PortStatus(**row, who="this host only (loopback)", decided_by="Docker")
+    if live is None:
+        return PortStatus(**row, who="anyone", decided_by="dockfence not applied",
+                          warning="not protected: dockfence is not applied")
+    if b.host_port is None:  # routed mode: reached on the container's own address
+        mine = [d for d in live.direct if str(d.address) in c.routed_addresses
+                and d.address.version == b.family and (d.proto, d.port) == (b.proto,
+                                                                            b.container_port)]
+        if not mine:
+            return PortStatus(**row, who="nobody (direct routing dropped)",
+                              decided_by="no allowance in the live rules")
+        return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin)
+    gate = next((g for g in live.container_gates
+                 if g.proto == b.proto and b.host_port in g.ports), None)
+    if gate is None:
+        fallback = "anyone" if live.unknown_published == "allow" else "nobody"
+        return PortStatus(**row, who=f"{fallback} through NAT; unfiltered through docker-proxy",
+                          decided_by=live.unknown_origin,
+                          warning="published after the last apply: run `dockfence apply`")
+    default = "containers.default" in gate.origin
+    return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
+                      warning="no policy rule names this port; the default decides"
+                      if default else None)
+
+
+def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
+    """Direct-routing allowances whose address no longer belongs to the container port they
+    were made for: the address may have been handed to another container."""
+    current = {(a, b.proto, b.container_port) for c in inv.containers
+               for b in c.bindings for a in c.routed_addresses}
+    return [f"direct-routing allowance to {d.address} port {d.port}/{d.proto} ({d.label}) no "
+            "longer matches a running container: run `dockfence apply` (or `dockfence watch`)"
+            for d in live.direct if (str(d.address), d.proto, d.port) not in current]
+
+
 def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
     live, _ = live_state()
-    ports: list[PortStatus] = []
-    warnings: list[str] = []
-    for c in inv.containers:
-        for b in c.bindings:
-            row = dict(container=c.name, host=b.host_endpoint(),
-                       container_port=f"{b.container_port}/{b.proto}")
-            gate = next((g for g in live.container_gates
-                         if g.proto == b.proto and b.host_port in g.ports), None) if live else None
-            if b.loopback_only:
-                ports.append(PortStatus(**row, who="this host only (loopback)",
-                                        decided_by="Docker"))
-            elif live is None:
-                ports.append(PortStatus(**row, who="anyone", decided_by="dockfence not applied",
-                                        warning="not protected: dockfence is not applied"))
-            elif gate is None:
-                fallback = "anyone" if live.unknown_published == "allow" else "nobody"
-                ports.append(PortStatus(
-                    **row, who=f"{fallback} through NAT; unfiltered through docker-proxy",
-                    decided_by=live.unknown_origin,
-                    warning="published after the last apply: run `dockfence apply`"))
-            else:
-                default = "containers.default" in gate.origin
-                ports.append(PortStatus(
-                    **row, who=str(gate.sources), decided_by=gate.origin,
-                    warning="no policy rule names this port; the default decides"
-                    if default else None))
+    ports = [_port_status(c, b, live) for c in inv.containers for b in c.bindings]
+    warnings: list[str] = _stale_direct(live, inv) if live else []
     for p in ports:
         if p.warning:
             warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")

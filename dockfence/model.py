@@ -98,20 +98,27 @@ class Sources:
 
 @dataclass(frozen=True)
 class Binding:
-    """One published port: host address:port -> container port."""
+    """One published port: host address:port -> container port, or, on a network in Docker's
+    routed mode, the container port opened on the container's own address (no host port)."""
 
     proto: str  # tcp, udp or sctp: Docker can publish sctp, dockfence only gates tcp and udp
     host_ip: str  # "0.0.0.0", "::", or a specific address
-    host_port: int
+    host_port: int | None  # None: routed mode, no NAT
     container_port: int
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.host_ip).version
 
     @property
     def loopback_only(self) -> bool:
         return ipaddress.ip_address(self.host_ip).is_loopback
 
     def host_endpoint(self) -> str:
-        ip = self.host_ip
-        return f"[{ip}]:{self.host_port}" if ":" in ip else f"{ip}:{self.host_port}"
+        ip, port = self.host_ip, self.host_port
+        if port is None:
+            return f"routed ({'IPv6' if self.family == 6 else 'IPv4'})"
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ class Container:
     service: str | None = None  # com.docker.compose.service
     bindings: tuple[Binding, ...] = ()
     addresses: tuple[str, ...] = ()
+    # addresses on networks where Docker opens published ports on the container's own address
+    # (gateway mode `routed` or `nat-unprotected`): the only ones direct routing may reach
+    routed_addresses: tuple[str, ...] = ()
 
     def matches(self, selector: str) -> bool:
         return selector in (self.name, self.service)

@@ -30,8 +30,13 @@ def scenario() -> Inventory:
             container("postgres", ("tcp", 5432, 5432), addresses=("172.17.0.4",)),
             container("dns", ("udp", 5353, 53), addresses=("172.17.0.5",)),
             container("local", ("tcp", 9000, 9000), host_ip="127.0.0.1"),
+            # on a network in routed mode: IPv6 published on the container's own address, no
+            # host port; its IPv4 side is NATed as usual
+            Container("api", "api" * 4, None,
+                      (Binding("tcp", "::", None, 8443), Binding("tcp", "0.0.0.0", 8443, 8443)),
+                      ("172.18.0.2", "2001:db8:78::2"), routed_addresses=("2001:db8:78::2",)),
         ),
-        bridges=("docker0",),
+        bridges=("docker0", "br-0123456789ab"),
     )
 
 
@@ -53,4 +58,7 @@ containers:
     - container: dns
       port: 53/udp
       from: any
+    - container: api
+      port: 8443/tcp
+      from: [office]
 """

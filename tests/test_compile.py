@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 
 import pytest
 
@@ -67,14 +66,15 @@ def test_rules_add_up_and_bare_host_port_ranges_gate_the_port_itself() -> None:
         assert django.sources.admits(ip(addr)), addr
     # the range gate covers ports nobody publishes yet, split around 8081 and 8082
     spans = [(g.ports.first, g.ports.last) for g in rs.container_gates if g.proto == "tcp"]
-    assert spans == [(5432, 5432), (8000, 8080), (8081, 8081), (8082, 8082), (8083, 8100)]
+    assert spans == [(5432, 5432), (8000, 8080), (8081, 8081), (8082, 8082), (8083, 8100),
+                     (8443, 8443)]
     assert gate(rs, "tcp", 8050).sources.admits(ip("198.51.100.50"))
     assert gate(rs, "tcp", 8082).sources.admits(ip("198.51.100.50"))  # admin, via the range
 
 
 def test_rule_selecting_nothing_is_a_warning() -> None:
     rs, _ = rules(POLICY + "    - container: ghost\n      port: 80\n      from: any\n")
-    assert any("p.yaml:18" in w and "ghost" in w for w in rs.warnings)
+    assert any("p.yaml:21" in w and "ghost" in w for w in rs.warnings)
 
 
 def test_host_section_and_overlap_warning() -> None:
@@ -130,11 +130,13 @@ def test_interfaces_and_bridges() -> None:
         ("203.0.113.5", 5353, "tcp", None, "deny", "host.default"),
         ("198.51.100.99", 22, "tcp", None, "allow", "p.yaml:7"),
         ("198.51.100.99", 23, "tcp", None, "deny", "host.default"),
-        ("203.0.113.20", 8080, "tcp", "172.17.0.2", "deny", "p.yaml:12"),
-        ("203.0.113.5", 8080, "tcp", "172.17.0.2", "allow", "p.yaml:12"),
-        ("203.0.113.5", 8080, "tcp", "172.17.0.3", "deny", "direct routing"),  # admin: nobody
-        ("203.0.113.5", 22, "tcp", "172.17.0.2", "deny", "direct routing"),  # not published
-        ("203.0.113.5", 53, "udp", "172.17.0.5", "allow", "p.yaml:15"),
+        # direct routing: only to routed-mode addresses, with the port's allow-list
+        ("203.0.113.5", 8080, "tcp", "172.17.0.2", "deny", "direct routing"),  # NAT network
+        ("203.0.113.5", 8443, "tcp", "172.18.0.2", "deny", "direct routing"),  # api's v4: NAT
+        ("2001:db8:1::5", 8443, "tcp", "2001:db8:78::2", "allow", "p.yaml:18"),
+        ("2001:db8:9::5", 8443, "tcp", "2001:db8:78::2", "deny", "p.yaml:18"),
+        ("2001:db8:1::5", 8080, "tcp", "2001:db8:78::2", "deny", "direct routing"),
+        ("203.0.113.5", 8443, "tcp", None, "allow", "p.yaml:18"),  # api's NATed IPv4
     ],
 )
 def test_explain(
@@ -150,23 +152,26 @@ def test_same_inputs_same_ruleset() -> None:
     assert rules()[0] == rules()[0]
 
 
-def test_container_restart_with_new_address_changes_only_direct_routes() -> None:
+def test_container_restart_with_new_address_changes_nothing() -> None:
     rs1, _ = rules()
-    moved = tuple(
-        c
-        if c.name != "django"
-        else container("django", ("tcp", 8081, 8080), service="web", addresses=("172.17.0.9",))
-        for c in scenario().containers
-    )
-    rs2, _ = rules(inv=Inventory(containers=moved, bridges=("docker0",)))
-    # only the direct routes (keyed on addresses) move with the container
-    assert replace(rs1, direct=()) == replace(rs2, direct=())
-    assert {str(d.address) for d in rs2.direct} == {"172.17.0.9", "172.17.0.5"}
+    moved = tuple(c if c.name != "django" else container(
+        "django", ("tcp", 8081, 8080), service="web", addresses=("172.17.0.9",))
+        for c in scenario().containers)
+    rs2, _ = rules(inv=Inventory(containers=moved, bridges=scenario().bridges))
+    assert rs1 == rs2
 
 
-def test_direct_routes_follow_the_published_ports_allow_list() -> None:
+def test_direct_routes_only_on_routed_networks_with_the_rules_allow_list() -> None:
     rs, _ = rules()
     direct = {(str(d.address), d.proto, d.port): d for d in rs.direct}
-    # django and dns only: admin and postgres are allowed to nobody, `local` is loopback-only
-    assert set(direct) == {("172.17.0.2", "tcp", 8080), ("172.17.0.5", "udp", 53)}
-    assert direct[("172.17.0.2", "tcp", 8080)].sources == gate(rs, "tcp", 8081).sources
+    assert set(direct) == {("2001:db8:78::2", "tcp", 8443)}
+    api = direct[("2001:db8:78::2", "tcp", 8443)]
+    assert api.origin == "p.yaml:18" and api.label == "api 8443/tcp"
+    assert api.sources == gate(rs, "tcp", 8443).sources
+    # without a rule, a routed port gets the default: nobody, so no allowance at all
+    rs, _ = rules(POLICY.replace("    - container: api\n", "    - container: apx\n"))
+    assert rs.direct == ()
+    allow_all = POLICY.replace("    - container: api\n", "    - container: apx\n").replace(
+        "containers:\n  default: deny", "containers:\n  default: allow")
+    rs, _ = rules(allow_all)
+    assert [(str(d.address), d.sources.any) for d in rs.direct] == [("2001:db8:78::2", True)]

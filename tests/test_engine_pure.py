@@ -3,10 +3,13 @@ protection, and reading Docker's JSON."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dockfence import policy
 from dockfence.compile import compile_policy
-from dockfence.discovery import bindings_of, bridge_name, container_of
-from dockfence.engine import flows_to_cut, lockout, parse_conntrack
+from dockfence.discovery import bindings_of, bridge_name, container_of, routed_families
+from dockfence.engine import _stale_direct, flows_to_cut, lockout, parse_conntrack
+from dockfence.model import Inventory
 from dockfence.plan import diff
 
 from helpers import POLICY, scenario
@@ -32,11 +35,8 @@ def test_plan_of_identical_rulesets_keeps_everything() -> None:
 def test_plan_shows_narrowed_list_as_change() -> None:
     narrower = POLICY.replace("from: [office, 198.51.100.7]", "from: [office]")
     changes = {c.subject: c for c in diff(compiled(), compiled(narrower)) if c.kind != "keep"}
-    # the published port, and the direct route to django's address that follows it
-    assert sorted(changes) == ["direct route to 172.17.0.2:8080/tcp (django 8080/tcp)",
-                               "published port tcp 8081 (django 8080/tcp)"]
-    change = changes["published port tcp 8081 (django 8080/tcp)"]
-    assert change.kind == "change"
+    (subject, change), = changes.items()
+    assert subject == "published port tcp 8081 (django 8080/tcp)" and change.kind == "change"
     assert "198.51.100.7" in (change.before or "") and "198.51.100.7" not in (change.after or "")
 
 
@@ -58,24 +58,39 @@ tcp      6 431999 ESTABLISHED src=2001:db8:9::10 dst=2001:db8:1::1 sport=40004 d
 src=2001:db8:1::1 dst=2001:db8:9::10 sport=5432 dport=40004 [ASSURED] mark=0 use=1
 udp      17 29 src=203.0.113.100 dst=203.0.113.1 sport=5000 dport=5353 \
 src=172.17.0.5 dst=203.0.113.100 sport=53 dport=5000 mark=0 use=1
+tcp      6 431999 ESTABLISHED src=2001:db8:9::10 dst=2001:db8:78::2 sport=40005 dport=8443 \
+src=2001:db8:78::2 dst=2001:db8:9::10 sport=8443 dport=40005 [ASSURED] mark=0 use=1
+tcp      6 431999 ESTABLISHED src=2001:db8:1::10 dst=2001:db8:78::2 sport=40006 dport=8443 \
+src=2001:db8:78::2 dst=2001:db8:1::10 sport=8443 dport=40006 [ASSURED] mark=0 use=1
+tcp      6 431999 ESTABLISHED src=203.0.113.5 dst=172.17.0.4 sport=40007 dport=5432 \
+src=172.17.0.4 dst=203.0.113.5 sport=5432 dport=40007 [ASSURED] mark=0 use=1
+tcp      6 100 TIME_WAIT src=203.0.113.100 dst=203.0.113.1 sport=40008 dport=8081 \
+src=172.17.0.2 dst=203.0.113.100 sport=8080 dport=40008 [ASSURED] mark=0 use=1
+tcp      6 431999 ESTABLISHED src=203.0.113.100 dst=198.51.100.200 sport=40009 dport=80 \
+src=198.51.100.200 dst=203.0.113.100 sport=80 dport=40009 [ASSURED] mark=0 use=1
 conntrack v1.4.7 (conntrack-tools): 6 flow entries have been shown.
 """
 
 
 def test_conntrack_parsing_takes_the_original_direction() -> None:
     flows = parse_conntrack(CONNTRACK)
-    assert len(flows) == 6
+    assert len(flows) == 11
     assert (flows[0].src, flows[0].dst, flows[0].dport) == ("203.0.113.100", "203.0.113.1", 8081)
+    assert [f.live for f in flows].count(False) == 1  # TIME_WAIT carries nothing
 
 
 def test_revocation_cuts_only_newly_denied_flows_to_container_ports() -> None:
     flows = parse_conntrack(CONNTRACK)
     cut = flows_to_cut(flows, None, compiled(), scenario(), LOCAL)
-    # denied now: 203.0.113.100 -> django, 2001:db8:9::10 -> postgres (via docker-proxy).
-    # kept: the allowed office client, the SSH session (a host port, never cut), the flow a
-    # container opened, and udp 5353 which the policy allows from anyone.
-    assert [(f.src, f.dport) for f in cut] == [("203.0.113.100", 8081),
-                                              ("2001:db8:9::10", 5432)]
+    # denied now: 203.0.113.100 -> django, 2001:db8:9::10 -> postgres (via docker-proxy), the
+    # stranger routed straight to api's routed address, anyone routed straight to postgres' NAT
+    # address, and the closed TIME_WAIT entry. Kept: the allowed office clients (also api's
+    # routed address), the SSH session (a host port, never cut), the flow a container opened,
+    # udp 5353 (allowed from anyone) and traffic routed elsewhere.
+    assert [(f.src, f.dst, f.dport) for f in cut] == [
+        ("203.0.113.100", "203.0.113.1", 8081), ("2001:db8:9::10", "2001:db8:1::1", 5432),
+        ("2001:db8:9::10", "2001:db8:78::2", 8443), ("203.0.113.5", "172.17.0.4", 5432),
+        ("203.0.113.100", "203.0.113.1", 8081)]
     # applying the same rules again cuts nothing: those flows were already denied
     assert flows_to_cut(flows, compiled(), compiled(), scenario(), LOCAL) == []
 
@@ -119,3 +134,29 @@ def test_bridge_names() -> None:
                         "Options": {"com.docker.network.bridge.name": "docker0"}}) == "docker0"
     assert bridge_name({"Driver": "bridge", "Id": "0123456789abcdef"}) == "br-0123456789ab"
     assert bridge_name({"Driver": "host", "Id": "x"}) is None
+
+
+def test_routed_mode_ports_and_networks() -> None:
+    ports = {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": ""}, {"HostIp": "::", "HostPort": ""}]}
+    assert [(b.host_ip, b.host_port, b.family) for b in bindings_of(ports)] == [
+        ("0.0.0.0", None, 4), ("::", None, 6)]
+    net = {"Id": "n1", "Driver": "bridge", "Options": {
+        "com.docker.network.bridge.gateway_mode_ipv4": "nat",
+        "com.docker.network.bridge.gateway_mode_ipv6": "routed"}}
+    assert routed_families(net) == {6}
+    net_settings = {"NetworkID": "n1", "IPAddress": "172.18.0.2",
+                    "GlobalIPv6Address": "2001:db8:78::2"}
+    attrs = {"Id": "c", "Name": "/api",
+             "NetworkSettings": {"Ports": ports, "Networks": {"n": net_settings}}}
+    c = container_of(attrs, {"n1": routed_families(net)})
+    assert c is not None and c.routed_addresses == ("2001:db8:78::2",)
+
+
+def test_stale_direct_allowances_are_reported() -> None:
+    rs = compiled()
+    assert _stale_direct(rs, scenario()) == []
+    moved = Inventory(containers=tuple(
+        replace(c, routed_addresses=("2001:db8:78::3",)) if c.name == "api" else c
+        for c in scenario().containers))
+    (warning,) = _stale_direct(rs, moved)
+    assert "2001:db8:78::2 port 8443/tcp (api 8443/tcp)" in warning

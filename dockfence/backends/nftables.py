@@ -40,6 +40,9 @@ PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
 TAG_UNKNOWN = "containers.default"
 TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
+TAG_REVOKED = "revoked"
+# conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
+REVOKED_MARK = 0x64660001
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
 
@@ -134,6 +137,7 @@ def render(rs: Ruleset) -> str:
                          [g for g in rs.direct if g.proto == proto
                           and g.address.version == version])
 
+    revoked = f"\t\tct mark {REVOKED_MARK:#x} counter drop comment {comment(TAG_REVOKED)}"
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
     scope = []
     if rs.outside is not None:
@@ -143,6 +147,7 @@ def render(rs: Ruleset) -> str:
     r.lines += [
         "\tchain forward {",
         f"\t\ttype filter hook forward priority {PRIORITY}; policy accept;",
+        revoked,
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
         *scope,
@@ -162,6 +167,7 @@ def render(rs: Ruleset) -> str:
         "\t}",
         "\tchain input {",
         f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
+        revoked,
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
         *scope,
@@ -178,7 +184,14 @@ def render(rs: Ruleset) -> str:
             f"\t\tcounter {_verdict(rs.host.default)} comment "
             f"{comment(TAG_HOST, rs.host.origin)}",
         ]
-    r.lines += ["\t}", "}"]
+    r.lines += [
+        "\t}",
+        "\tchain output {",  # the host's side of revoked docker-proxy flows
+        f"\t\ttype filter hook output priority {PRIORITY}; policy accept;",
+        revoked,
+        "\t}",
+        "}",
+    ]
     return "\n".join(r.lines) + "\n"
 
 
