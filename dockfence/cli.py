@@ -25,11 +25,12 @@ from . import engine, policy
 from .errors import DockfenceError
 from .explain import explain as explain_verdict
 from .explain import parse_port_arg
+from .plan import Change
 
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
 # Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,14 +80,16 @@ _MARK = {"add": ("+", "green"), "remove": ("-", "red"), "change": ("~", "yellow"
          "keep": ("=", "dim")}
 
 
-def _delta(before: str | None, after: str | None) -> str:
-    """For two source lists: which entries are added and which removed."""
-    b, a = set((before or "").split(", ")), set((after or "").split(", "))
-    if {"anyone", "nobody"} & (a | b):
-        return ""
-    parts = [f"adds {', '.join(sorted(a - b))}" if a - b else "",
-             f"removes {', '.join(sorted(b - a))}" if b - a else ""]
-    return f"  [{'; '.join(p for p in parts if p)}]"
+def _delta(ch: Change, limit: int = 10) -> str:
+    """Which sources a change adds and removes, a few of each."""
+    def few(items: list[str]) -> str:
+        more = f" and {len(items) - limit:,} more" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    parts = [f"adds {few(ch.added)}" if ch.added else "",
+             f"removes {few(ch.removed)}" if ch.removed else ""]
+    text = "; ".join(p for p in parts if p)
+    return f"  [{text}]" if text else ""
 
 
 def _show_plan(plan: engine.Plan, verbose: bool) -> None:
@@ -99,7 +102,7 @@ def _show_plan(plan: engine.Plan, verbose: bool) -> None:
             continue
         mark, colour = _MARK[ch.kind]
         if ch.kind == "change":
-            text = f"{ch.subject}: {ch.before} -> {ch.after}{_delta(ch.before, ch.after)}"
+            text = f"{ch.subject}: {ch.before} -> {ch.after}{_delta(ch)}"
         else:
             text = f"{ch.subject}: {ch.after if ch.after is not None else ch.before}"
         origin = f"  [dim]({escape(ch.origin)})[/]" if ch.origin and ch.kind != "remove" else ""
@@ -219,7 +222,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
     _, live_canon = engine.live_state()
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
     applied = live_canon is not None
-    in_force = applied and live_canon == engine.nft.canonical_of(rs)
+    in_force = applied and live_canon == engine.nft.canonical_of(engine.nft.render(rs))
     if as_json:
         _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
                     "in_force": in_force})

@@ -163,8 +163,9 @@ def _direct(policy: Policy, bindings: list[tuple[Container, Binding]], gates: li
             sources = default_sources(policy.container_default)
             origin = default_origin
             if rules:
-                sources = Sources.of([n for r in rules for n in r.sources.networks],
-                                     any(r.sources.any for r in rules))
+                sources = rules[0].sources
+                for r in rules[1:]:
+                    sources = sources.union(r.sources)
                 origin = ", ".join(policy.where(r.line) for r in rules)
         if sources.nobody:
             continue

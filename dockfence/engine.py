@@ -17,7 +17,7 @@ from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
-from .model import Binding, Container, Inventory, Ruleset
+from .model import Binding, Container, Inventory, Ruleset, Sources, show_network
 from .plan import Change, diff
 from .run import run
 
@@ -47,6 +47,8 @@ class Plan:
     live: Ruleset | None
     changes: list[Change]
     unchanged: bool  # the live table is byte-for-byte what apply would write
+    table: str  # `desired` rendered for nft
+    desired_canonical: str  # how the kernel lists `desired`
     warnings: list[str] = field(default_factory=list)
 
 
@@ -65,10 +67,15 @@ def live_state() -> tuple[Ruleset | None, str | None]:
 
 def make_plan(policy_path: str) -> Plan:
     pol, inv, desired = desired_state(policy_path)
-    nft.check(desired)  # the kernel's own parser has the last word, before anything changes
-    live, live_canon = live_state()
-    unchanged = live_canon is not None and live_canon == nft.canonical_of(desired)
-    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, list(desired.warnings))
+    table = nft.render(desired)
+    desired_canon = nft.canonical_of(table)  # the kernel's own check, before anything changes
+    doc = nft.live_json()
+    live_canon = nft.canonical(doc)
+    unchanged = live_canon == desired_canon
+    # reading the live table back costs time on long lists: skip it when it is ours already
+    live = desired if unchanged else nft.parse_live(doc) if doc is not None else None
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, desired_canon,
+                list(desired.warnings))
 
 
 def apply(policy_path: str, force: bool = False) -> tuple[Plan, int]:
@@ -83,9 +90,8 @@ def apply(policy_path: str, force: bool = False) -> tuple[Plan, int]:
         if plan.unchanged:
             return plan, 0
         previous = nft.live_text()
-        nft.apply_text(nft.transaction(plan.desired))
-        _live, canon = live_state()
-        if canon != nft.canonical_of(plan.desired):
+        nft.apply_text(nft.transaction(plan.table))
+        if nft.canonical(nft.live_json()) != plan.desired_canonical:
             _restore(previous)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
@@ -217,9 +223,14 @@ class PortStatus:
     container: str
     host: str  # host address:port
     container_port: str  # "8080/tcp"
-    who: str  # who may reach it now
+    who: str  # who may reach it now, in the policy's words
     decided_by: str
     warning: str | None = None
+    sources: list[str] | None = None  # every network that may, ["any"], or None: unfiltered
+
+
+def _networks(sources: Sources) -> list[str]:
+    return ["any"] if sources.any else [show_network(n) for n in sources.networks]
 
 
 @dataclass
@@ -246,8 +257,9 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
                                                                             b.container_port)]
         if not mine:
             return PortStatus(**row, who="nobody (direct routing dropped)",
-                              decided_by="no allowance in the live rules")
-        return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin)
+                              decided_by="no allowance in the live rules", sources=[])
+        return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
+                          sources=_networks(mine[0].sources))
     gate = next((g for g in live.container_gates
                  if g.proto == b.proto and b.host_port in g.ports), None)
     if gate is None:
@@ -258,7 +270,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
     default = "containers.default" in gate.origin
     return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
                       warning="no policy rule names this port; the default decides"
-                      if default else None)
+                      if default else None, sources=_networks(gate.sources))
 
 
 def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:

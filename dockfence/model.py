@@ -6,6 +6,7 @@ Nothing here touches the host; every type is immutable so compiled rulesets can 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,26 +47,43 @@ class PortSpec:
         return f"{self.ports}/{self.proto}"
 
 
+def _span(n: IPNetwork) -> tuple[int, int]:
+    start = int(n.network_address)
+    return start, start + (1 << (n.max_prefixlen - n.prefixlen)) - 1
+
+
 def collapse(networks: list[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """Merge overlapping and adjacent networks: nftables interval sets reject overlaps."""
-    v4 = [n for n in networks if n.version == 4]
-    v6 = [n for n in networks if n.version == 6]
+    """Merge overlapping and adjacent networks (nftables interval sets reject overlaps), IPv4
+    first, each family sorted. Large lists are usually disjoint already: one sorted pass finds
+    that, and the costly merge runs only when something touches."""
     out: list[IPNetwork] = []
-    out.extend(ipaddress.collapse_addresses(v4))  # type: ignore[arg-type]
-    out.extend(ipaddress.collapse_addresses(v6))  # type: ignore[arg-type]
+    for version in (4, 6):
+        nets = sorted({n for n in networks if n.version == version}, key=_span)
+        spans = [_span(n) for n in nets]
+        if any(b[0] <= a[1] + 1 for a, b in itertools.pairwise(spans)):
+            out.extend(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+        else:
+            out.extend(nets)
     return tuple(out)
 
 
 @dataclass(frozen=True)
 class Sources:
-    """Who may connect: every address (`any`) or a collapsed list of networks of both families."""
+    """Who may connect: every address (`any`) or a collapsed list of networks of both families.
+
+    `names` is how the policy wrote it (list names, addresses), for people to read; it takes no
+    part in comparisons.
+    """
 
     any: bool = False
     networks: tuple[IPNetwork, ...] = ()
+    names: tuple[str, ...] = field(default=(), compare=False)
 
     @staticmethod
-    def of(networks: list[IPNetwork], any_: bool = False) -> Sources:
-        return Sources(any=True) if any_ else Sources(networks=collapse(networks))
+    def of(networks: list[IPNetwork], any_: bool = False, names: tuple[str, ...] = ()) -> Sources:
+        if any_:
+            return Sources(any=True, names=("any",))
+        return Sources(networks=collapse(networks), names=names)
 
     @property
     def nobody(self) -> bool:
@@ -82,16 +100,32 @@ class Sources:
 
     def union(self, other: Sources) -> Sources:
         if self.any or other.any:
-            return Sources(any=True)
-        return Sources(networks=collapse([*self.networks, *other.networks]))
+            return Sources(any=True, names=("any",))
+        names = tuple(dict.fromkeys((*self.names, *other.names)))
+        if self.networks == other.networks:  # common: one rule seen through several bindings
+            return Sources(networks=self.networks, names=names)
+        return Sources(networks=collapse([*self.networks, *other.networks]), names=names)
 
-    def __str__(self) -> str:
+    def describe(self, limit: int = 8) -> str:
+        """Short enough for a table cell whatever the size: the policy's own words when known,
+        else the first networks; with a count once the list is long."""
         if self.any:
             return "anyone"
         if not self.networks:
             return "nobody"
-        return ", ".join(str(n) if n.prefixlen != n.max_prefixlen else str(n.network_address)
-                         for n in self.networks)
+        count = len(self.networks)
+        if self.names:
+            text = ", ".join(self.names)
+            return f"{text} ({count:,} networks)" if count > limit else text
+        shown = ", ".join(show_network(n) for n in self.networks[:limit])
+        return shown if count <= limit else f"{shown} and {count - limit:,} more"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def show_network(n: IPNetwork) -> str:
+    return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
 
 
 # --- inventory: what Docker runs -------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .model import Gate, Ruleset
+from .model import Gate, Ruleset, Sources, show_network
 
 ChangeKind = Literal["add", "remove", "change", "keep"]
 
@@ -13,21 +13,23 @@ ChangeKind = Literal["add", "remove", "change", "keep"]
 @dataclass(frozen=True)
 class Change:
     kind: ChangeKind
-    subject: str  # "tcp 8081 (django 8080/tcp)"
+    subject: str  # "published port tcp 8081 (django 8080/tcp)"
     before: str | None
     after: str | None
     origin: str = ""
+    added: list[str] = field(default_factory=list)  # sources the change lets in
+    removed: list[str] = field(default_factory=list)  # sources it shuts out
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-Facts = dict[tuple[str, str], tuple[str, str, str]]
+# key -> (label, what is decided, origin); a decision is Sources or a setting's words
+Facts = dict[tuple[str, str], tuple[str, Sources | str, str]]
 
 
 def _gate_facts(prefix: str, gates: tuple[Gate, ...]) -> Facts:
-    return {(prefix, f"{g.proto} {g.ports}"): (g.label, str(g.sources), g.origin)
-            for g in gates}
+    return {(prefix, f"{g.proto} {g.ports}"): (g.label, g.sources, g.origin) for g in gates}
 
 
 def facts(rs: Ruleset | None) -> Facts:
@@ -37,8 +39,7 @@ def facts(rs: Ruleset | None) -> Facts:
     out = _gate_facts("published port", rs.container_gates)
     for d in rs.direct:
         where = f"[{d.address}]" if d.address.version == 6 else str(d.address)
-        out[("direct route to", f"{where}:{d.port}/{d.proto}")] = (d.label, str(d.sources),
-                                                                   d.origin)
+        out[("direct route to", f"{where}:{d.port}/{d.proto}")] = (d.label, d.sources, d.origin)
     out[("setting", "published ports no rule names")] = (
         "new or unlisted published ports", "anyone" if rs.unknown_published == "allow"
         else "nobody", rs.unknown_origin)
@@ -57,20 +58,30 @@ def facts(rs: Ruleset | None) -> Facts:
     return out
 
 
+def _delta(before: Sources | str, after: Sources | str) -> tuple[list[str], list[str]]:
+    if not isinstance(before, Sources) or not isinstance(after, Sources) \
+            or before.any or after.any:
+        return [], []
+    b, a = set(before.networks), set(after.networks)
+    return ([show_network(n) for n in sorted(a - b, key=lambda n: (n.version, n))],  # type: ignore[arg-type]
+            [show_network(n) for n in sorted(b - a, key=lambda n: (n.version, n))])  # type: ignore[arg-type]
+
+
 def diff(live: Ruleset | None, desired: Ruleset | None) -> list[Change]:
     before, after = facts(live), facts(desired)
     changes: list[Change] = []
     for key in sorted(before.keys() | after.keys()):
         subject = f"{key[0]} {key[1]}" if key[0] != "setting" else key[1]
         b, a = before.get(key), after.get(key)
+        label = (a or b or ("",))[0]
+        if key[0] != "setting":
+            subject += f" ({label})"
         if b is not None and a is not None:
-            subject += f" ({a[0]})" if key[0] != "setting" else ""
             kind: ChangeKind = "keep" if b[:2] == a[:2] else "change"
-            changes.append(Change(kind, subject, b[1], a[1], a[2]))
+            added, removed = _delta(b[1], a[1]) if kind == "change" else ([], [])
+            changes.append(Change(kind, subject, str(b[1]), str(a[1]), a[2], added, removed))
         elif a is not None:
-            subject += f" ({a[0]})" if key[0] != "setting" else ""
-            changes.append(Change("add", subject, None, a[1], a[2]))
+            changes.append(Change("add", subject, None, str(a[1]), a[2]))
         elif b is not None:
-            subject += f" ({b[0]})" if key[0] != "setting" else ""
-            changes.append(Change("remove", subject, b[1], None, b[2]))
+            changes.append(Change("remove", subject, str(b[1]), None, b[2]))
     return changes

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
 
+from . import located_yaml
 from .errors import PolicyError
 from .model import IPNetwork, PortRange, PortSpec, Sources, Verdict
 
@@ -142,31 +140,6 @@ class Policy:
         return f"{self.path}:{line}" if line else self.path
 
 
-def _line_of(doc: Any, loc: tuple[str | int, ...]) -> int | None:
-    """Follow a pydantic error location through the ruamel tree to a 1-based line number."""
-    node, line = doc, None
-    for part in loc:
-        if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
-            node = node[part]
-        else:
-            break
-    return line
-
-
-def _value_at(doc: Any, loc: tuple[str | int, ...]) -> object:
-    node = doc
-    for part in loc:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node if isinstance(node, str | int | float | bool) else None
-
-
 def _friendly(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind, msg = err["type"], err["msg"]
@@ -189,32 +162,27 @@ def load(path: str | Path) -> Policy:
 
 
 def parse(text: str, path: str = "<policy>") -> Policy:
-    yaml = YAML(typ="rt")
     try:
-        doc = yaml.load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise PolicyError(path, mark.line + 1 if mark else None,
-                          f"not valid YAML: {exc.problem or exc.context}") from None
-    except Exception as exc:  # ruamel raises a few unmarked errors (duplicate keys, ...)
-        raise PolicyError(path, None, f"not valid YAML: {exc}") from None
-    if not isinstance(doc, CommentedMap):
+        doc = located_yaml.load(text)
+    except located_yaml.YAMLError as exc:
+        raise PolicyError(path, exc.line, f"not valid YAML: {exc}") from None
+    if not isinstance(doc.data, dict):
         raise PolicyError(path, 1, "a policy is a YAML mapping starting with `version: 1`")
     try:
-        raw = _Document.model_validate(doc)
+        raw = _Document.model_validate(doc.data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        raise PolicyError(path, _line_of(doc, loc), _friendly(err), _value_at(doc, loc)) from None
+        raise PolicyError(path, doc.line(loc), _friendly(err), doc.value(loc)) from None
     return _resolve(raw, doc, path)
 
 
-def _resolve(raw: _Document, doc: CommentedMap, path: str) -> Policy:
+def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
     """Second pass: list names, addresses and cross-field rules, each error with its line."""
     lists: dict[str, list[IPNetwork]] = {}
     for name, entries in raw.lists.items():
         if not LIST_NAME_RE.match(name) or name == "any":
-            raise PolicyError(path, _line_of(doc, ("lists", name)),
+            raise PolicyError(path, doc.line(("lists", name)),
                               "a list name starts with a letter (letters, digits, _ and -) "
                               "and is not `any`", name)
         nets = []
@@ -222,7 +190,7 @@ def _resolve(raw: _Document, doc: CommentedMap, path: str) -> Policy:
             try:
                 nets.append(parse_network(str(entry)))
             except ValueError as exc:
-                line = _line_of(doc, ("lists", name, i))
+                line = doc.line(("lists", name, i))
                 raise PolicyError(path, line, str(exc), entry) from None
         lists[name] = nets
 
@@ -231,7 +199,7 @@ def _resolve(raw: _Document, doc: CommentedMap, path: str) -> Policy:
         any_ = False
         for i, entry in enumerate(entries):
             text = str(entry)
-            line = _line_of(doc, (*loc, i)) or _line_of(doc, loc)
+            line = doc.line((*loc, i)) or doc.line(loc)
             if text == "any":
                 any_ = True
             elif text in lists:
@@ -243,19 +211,19 @@ def _resolve(raw: _Document, doc: CommentedMap, path: str) -> Policy:
                     nets.append(parse_network(text))
                 except ValueError as exc:
                     raise PolicyError(path, line, str(exc), text) from None
-        return Sources.of(nets, any_)
+        return Sources.of(nets, any_, tuple(str(e) for e in entries))
 
     host_rules: list[HostRule] = []
     if raw.host is not None:
         for i, r in enumerate(raw.host.allow):
             loc = ("host", "allow", i)
             host_rules.append(HostRule(r.port, sources(r.from_, (*loc, "from")),
-                                       _line_of(doc, loc) or 0))
+                                       doc.line(loc) or 0))
 
     container_rules: list[ContainerRule] = []
     for i, r in enumerate(raw.containers.allow):
         loc = ("containers", "allow", i)
-        line = _line_of(doc, loc) or 0
+        line = doc.line(loc) or 0
         if (r.port is None) == (r.host_port is None):
             raise PolicyError(path, line, "a container rule names exactly one of `port` "
                               "(the container's port) or `host_port`")
@@ -266,9 +234,9 @@ def _resolve(raw: _Document, doc: CommentedMap, path: str) -> Policy:
                                              sources(r.from_, (*loc, "from")), line))
 
     lines = {
-        "host.default": _line_of(doc, ("host", "default")) or _line_of(doc, ("host",)) or 0,
-        "containers.default": _line_of(doc, ("containers", "default"))
-        or _line_of(doc, ("containers",)) or 0,
+        "host.default": doc.line(("host", "default")) or doc.line(("host",)) or 0,
+        "containers.default": doc.line(("containers", "default"))
+        or doc.line(("containers",)) or 0,
     }
     return Policy(
         path=path,

@@ -600,12 +600,12 @@ def test_plan_shows_change_and_changes_nothing(env: Env) -> None:
     before = ruleset(env.lab)
     text = dockfence(env.lab, "plan", "--policy", env.path("admin_open"))
     assert text.returncode == 0, text.stderr
-    assert re.search(r"~ published port tcp 8082 .*nobody -> 203\.0\.113\.0/28", text.stdout), (
-        text.stdout)
+    assert re.search(r"~ published port tcp 8082 .*nobody -> office  \[adds 203\.0\.113\.0/28, "
+                     r"2001:db8:1::/64\]", text.stdout), text.stdout
     js = dockfence(env.lab, "plan", "--json", "--policy", env.path("admin_open"))
     data = json.loads(js.stdout)
     assert data["unchanged"] is False and data["installed"] is True
-    changed = {(c["kind"], c["subject"], c["before"]): set((c["after"] or "").split(", "))
+    changed = {(c["kind"], c["subject"], c["before"]): set(c["added"])
                for c in data["changes"] if c["kind"] != "keep"}
     assert changed == {
         ("change", "published port tcp 8082 (admin 8080/tcp)", "nobody"): OFFICE,
@@ -640,7 +640,7 @@ def test_status_json_lists_every_published_port(env: Env) -> None:
                                                  line_of(text, "container: django")),
         ("django", "[::]:8081", "8080/tcp"): ({*OFFICE, "198.51.100.7"},
                                               line_of(text, "container: django")),
-        ("admin", "0.0.0.0:8082", "8080/tcp"): ({"nobody"}, None),
+        ("admin", "0.0.0.0:8082", "8080/tcp"): (set(), None),
         ("postgres", "[::]:5432", "5432/tcp"): (OFFICE, line_of(text, "container: postgres")),
         ("echo", "0.0.0.0:5353", "5353/udp"): (OFFICE, line_of(text, "container: echo")),
         ("ranged", "0.0.0.0:8101", "8101/tcp"): ({"198.51.100.7"},
@@ -649,7 +649,7 @@ def test_status_json_lists_every_published_port(env: Env) -> None:
     }
     for key, (who, line) in want.items():
         row = rows[key]
-        assert set(row["who"].split(", ")) == who, row
+        assert set(row["sources"]) == who, row
         assert row["decided_by"] == (f"{path}:{line}" if line else containers_default), row
 
 
@@ -1083,7 +1083,7 @@ def test_routed_mode_network(env: Env) -> None:
         st = json.loads(dockfence(lab, "status", "--json").stdout)
         row = next(p for p in st["ports"] if p["container"] == "routed" and ":" not in p["host"]
                    and "IPv6" in p["host"])
-        assert row["who"] == "203.0.113.0/28, 2001:db8:1::/64", row
+        assert row["who"] == "office" and set(row["sources"]) == OFFICE, row
         assert not any("no longer matches" in w for w in st["warnings"]), st
 
         # another container takes the address, without an apply in between

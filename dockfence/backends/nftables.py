@@ -31,7 +31,7 @@ from ..model import (
     Ruleset,
     Sources,
     Verdict,
-    collapse,
+    show_network,
 )
 from ..run import run
 
@@ -60,10 +60,6 @@ def _ifnames(names: tuple[str, ...]) -> str:
     return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
 
-def _network(n: IPNetwork) -> str:
-    return str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n)
-
-
 @dataclass
 class _Renderer:
     lines: list[str]
@@ -82,11 +78,14 @@ class _Renderer:
             for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
                 if nets:
                     sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
-                    elements = ", ".join(_network(n) for n in nets)
+                    elements = ", ".join(show_network(n) for n in nets)
                     self.lines += [
                         f"\tset {sname} {{",
                         f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
                         "\t\tflags interval",
+                        # how the policy wrote it, so status can say "office" again
+                        *([f"\t\tcomment {comment(', '.join(sources.names))}"]
+                          if sources.names else []),
                         f"\t\telements = {{ {elements} }}",
                         "\t}",
                     ]
@@ -195,9 +194,10 @@ def render(rs: Ruleset) -> str:
     return "\n".join(r.lines) + "\n"
 
 
-def transaction(rs: Ruleset) -> str:
-    """Create-if-missing, delete, recreate: one atomic batch with no window in between."""
-    return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render(rs)
+def transaction(table: str) -> str:
+    """Create-if-missing, delete, recreate: one atomic batch with no window in between.
+    `table` is what render() made."""
+    return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + table
 
 
 def removal() -> str:
@@ -226,28 +226,21 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
     if doc is None:
         return None
 
-    def strip(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k != "handle"}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    items = [strip(o) for o in doc.get("nftables", []) if "metainfo" not in o]
-    return json.dumps(items, sort_keys=True)
+    items = []
+    for obj in doc.get("nftables", []):
+        # handles sit on the table, set, map, chain and rule objects themselves, never deeper
+        items.append({kind: {k: v for k, v in body.items() if k != "handle"}
+                      for kind, body in obj.items() if kind != "metainfo"})
+    return json.dumps([i for i in items if i], sort_keys=True)
 
 
-def canonical_of(rs: Ruleset) -> str:
-    """How the kernel lists `rs`: loaded into a throwaway network namespace and listed back, so
-    that "unchanged" means byte-for-byte what the live kernel would show."""
+def canonical_of(table: str) -> str:
+    """How the kernel lists a rendered table: loaded into a throwaway network namespace and
+    listed back, so that "unchanged" means byte-for-byte what the live kernel would show. The
+    load is also the check: if the kernel refuses the table there, nothing live was touched."""
     script = f'nft -f - && nft -j -s list table {FAMILY} {TABLE}'
-    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=render(rs))
+    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table)
     return canonical(json.loads(proc.stdout)) or ""
-
-
-def check(rs: Ruleset) -> None:
-    """Let nft parse and validate the batch without committing it."""
-    run(["nft", "-c", "-f", "-"], stdin=transaction(rs))
 
 
 def apply_text(text: str) -> None:
@@ -293,12 +286,15 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
     sets: dict[str, list[IPNetwork]] = {}
+    set_names: dict[str, tuple[str, ...]] = {}
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
         if "set" in obj:
             s = obj["set"]
             sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
+            if s.get("comment"):
+                set_names[s["name"]] = tuple(s["comment"].split(", "))
         elif "map" in obj:
             maps[obj["map"]["name"]] = obj["map"].get("elem", [])
         elif "rule" in obj:
@@ -310,8 +306,11 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         if "drop" in verdict:
             return Sources()
         target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
-        return Sources(networks=collapse(sets.get(f"{target}_v4", []) +
-                                         sets.get(f"{target}_v6", [])))
+        v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
+        # What dockfence wrote was collapsed already and nft lists it in order: sorting is
+        # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
+        names = set_names.get(f"{target}_v4") or set_names.get(f"{target}_v6") or ()
+        return Sources(networks=(*sorted(v4), *sorted(v6)), names=names)  # type: ignore[type-var]
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
