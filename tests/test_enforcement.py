@@ -197,7 +197,7 @@ def catalog(lab: Lab, ips: dict[str, str]) -> dict[str, Probe]:
         **{f"range_{p}_office": Probe(c, CLIENT_V4, e4, p) for p in (8100, 8101, 8102)},
         "range_8101_stranger_nic2": Probe(d, CLIENT2_V4_ALT, n4, 8101),
         "range_8101_v6_nic2": Probe(d, CLIENT2_V6, n6, 8101),
-        # 7. direct routing to container addresses (allowed where the published port is)
+        # 7. direct routing to container addresses (NAT networks: dropped for everyone)
         "direct_v4_office": Probe(c, CLIENT_V4, ips["django"], 8080),
         "direct_v4_stranger": Probe(c, CLIENT_V4_ALT, ips["django"], 8080),
         "direct_v4_admin_office": Probe(c, CLIENT_V4, ips["admin"], 8080),
@@ -1101,3 +1101,22 @@ def test_routed_mode_network(env: Env) -> None:
         lab.docker("network", "rm", "rnet", check=False)
         assert dockfence(lab, "remove").returncode == 0
         env.applied = None
+
+
+def test_named_outside_interfaces(env: Env) -> None:
+    """`interfaces: [ext0]`: only ext0 is outside. The second NIC (ext1) is then trusted like
+    a Docker bridge, so its strangers reach django, while ext0's strangers still do not."""
+    lab = env.lab
+    path = lab.base / "interfaces.yaml"
+    path.write_text(POLICIES["main"].replace("version: 1\n", "version: 1\ninterfaces: [ext0]\n"))
+    names = ["django_v4_stranger", "django_v6_stranger", "django_v4_stranger_nic2",
+             "django_v4_office"]
+    assert all(env.baseline[n] for n in names)
+    proc = dockfence(lab, "apply", "--policy", str(path))
+    env.applied = None
+    assert proc.returncode == 0, proc.stderr
+    got = probe(env, names)
+    assert got == {"django_v4_stranger": False, "django_v6_stranger": False,
+                   "django_v4_stranger_nic2": True, "django_v4_office": True}, got
+    ensure(env)  # back to "main": everything is outside again
+    expect(env, pick("django_v4_stranger_nic2"))
