@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -129,13 +130,28 @@ def plan_cmd(policy_path: str, as_json: bool, verbose: bool) -> None:
     _show_plan(plan, verbose)
 
 
+def _ask(seconds: int) -> Callable[[], bool]:
+    """Wait for the operator to type `yes` on stdin; silence, EOF or anything else is a no."""
+    def confirm() -> bool:
+        err.print(f"The new rules are in force. Type yes within {seconds} s to keep them; "
+                  "otherwise the previous rules come back.", markup=False)
+        ready, _, _ = select.select([sys.stdin], [], [], seconds)
+        answer = sys.stdin.readline().strip().lower() if ready else ""
+        return answer in ("y", "yes")
+    return confirm
+
+
 @main.command()
 @policy_option
 @click.option("--force", is_flag=True, help="Apply even if it would deny your own SSH session.")
+@click.option("--confirm", "confirm_seconds", type=click.IntRange(1, 3600), metavar="SECONDS",
+              help="Keep the new rules only if you confirm within SECONDS (type yes); "
+              "otherwise roll back. For remote sessions, like iptables-apply.")
 @_errors
-def apply(policy_path: str, force: bool) -> None:
+def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
     """Make the host match the policy, as one atomic transaction."""
-    plan, cut = engine.apply(policy_path, force=force)
+    plan, cut = engine.apply(policy_path, force=force,
+                             confirm=_ask(confirm_seconds) if confirm_seconds else None)
     _warn(plan.warnings)
     if plan.unchanged:
         out.print("[green]No changes.[/] The live rules already match the policy.")

@@ -78,9 +78,18 @@ def make_plan(policy_path: str) -> Plan:
                 list(desired.warnings))
 
 
-def apply(policy_path: str, force: bool = False) -> tuple[Plan, int]:
+class RolledBack(OperationalError):
+    """The new rules were not confirmed in time; the previous ones are back."""
+
+
+def apply(policy_path: str, force: bool = False,
+          confirm: Callable[[], bool] | None = None) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
-    established connections were cut because the new policy denies them."""
+    established connections were cut because the new policy denies them.
+
+    With `confirm`, the new rules stay only if it returns True (the operator could still reach
+    the host); otherwise the previous table is restored, in one transaction too, and nothing
+    was cut."""
     with host_lock():
         plan = make_plan(policy_path)
         risk = None if force else lockout(plan.desired, plan.inventory,
@@ -95,6 +104,9 @@ def apply(policy_path: str, force: bool = False) -> tuple[Plan, int]:
             _restore(previous)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
+        if confirm is not None and not confirm():
+            _restore(previous)
+            raise RolledBack("not confirmed: the previous rules were restored")
         return plan, revoke(plan.live, plan.desired, plan.inventory)
 
 

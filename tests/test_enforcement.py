@@ -1120,3 +1120,25 @@ def test_named_outside_interfaces(env: Env) -> None:
                    "django_v4_stranger_nic2": True, "django_v4_office": True}, got
     ensure(env)  # back to "main": everything is outside again
     expect(env, pick("django_v4_stranger_nic2"))
+
+
+def test_apply_confirm_rolls_back_unless_confirmed(env: Env) -> None:
+    """`apply --confirm`: without a `yes` the previous table comes back byte for byte (the
+    packets say so too); with it the new rules stay."""
+    lab = env.lab
+    ensure(env)
+    before = dockfence_table(lab)
+    argv = [sys.executable, "-m", "dockfence", "apply", "--policy", env.path("admin_open"),
+            "--confirm", "3"]
+    run_env = {"PYTHONPATH": str(REPO), "SSH_CONNECTION": ""}
+    silent = lab.host_exec(*argv, check=False, env=run_env, input="")
+    assert silent.returncode == 1 and "previous rules were restored" in silent.stderr, silent
+    assert dockfence_table(lab) == before
+    expect(env, {"admin_v4_office": False})
+    env.applied = None
+    confirmed = lab.host_exec(*argv, check=False, env=run_env, input="yes\n")
+    assert confirmed.returncode == 0, confirmed.stderr
+    env.applied = "admin_open"
+    assert dockfence_table(lab) != before
+    got = probe(env, ["admin_v4_office"])
+    assert got == {"admin_v4_office": True}, got
