@@ -93,25 +93,26 @@ class _Renderer:
             self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
         return f"jump {self.chains[sources]}"
 
-    def port_map(self, name: str, gates: list[Gate]) -> None:
+    def verdict_map(self, name: str, key_type: str, interval: bool,
+                    entries: list[tuple[str, str, Sources]]) -> None:
+        """A map from `key` to the verdict of its allow-list; entries: (key, comment, sources)."""
         # Elements first: they emit the chains and sets they jump to, which must come before.
-        elements = ", ".join(
-            f"{g.ports} comment {comment(g.label, g.origin)} : "
-            f"{self.allow_chain(g.sources)}" for g in gates)
-        self.lines += [f"\tmap {name} {{", "\t\ttype inet_service : verdict", "\t\tflags interval"]
+        elements = ", ".join(f"{key} comment {text} : {self.allow_chain(sources)}"
+                             for key, text, sources in entries)
+        self.lines += [f"\tmap {name} {{", f"\t\ttype {key_type} : verdict",
+                       *(["\t\tflags interval"] if interval else [])]
         if elements:
             self.lines.append(f"\t\telements = {{ {elements} }}")
         self.lines.append("\t}")
 
+    def port_map(self, name: str, gates: list[Gate]) -> None:
+        self.verdict_map(name, "inet_service", True,
+                         [(str(g.ports), comment(g.label, g.origin), g.sources) for g in gates])
 
     def direct_map(self, name: str, addr_type: str, gates: list[DirectGate]) -> None:
-        elements = ", ".join(
-            f"{g.address} . {g.port} comment {comment(g.label, g.origin)} : "
-            f"{self.allow_chain(g.sources)}" for g in gates)
-        self.lines += [f"\tmap {name} {{", f"\t\ttype {addr_type} . inet_service : verdict"]
-        if elements:
-            self.lines.append(f"\t\telements = {{ {elements} }}")
-        self.lines.append("\t}")
+        self.verdict_map(name, f"{addr_type} . inet_service", False,
+                         [(f"{g.address} . {g.port}", comment(g.label, g.origin), g.sources)
+                          for g in gates])
 
 
 _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
