@@ -787,40 +787,9 @@ class Lab:
             )
         self._sysctl(h, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         # veths are created directly inside the lab's namespaces.
-        _run(
-            [
-                "ip",
-                "link",
-                "add",
-                "ext0",
-                "netns",
-                h,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                c,
-            ]
-        )
-        _run(
-            [
-                "ip",
-                "link",
-                "add",
-                "ext1",
-                "netns",
-                h,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                d,
-            ]
-        )
+        for host_side, client in (("ext0", c), ("ext1", d)):
+            _run(["ip", "link", "add", host_side, "netns", h, "type", "veth",
+                  "peer", "name", "eth0", "netns", client])
         plan: list[tuple[str, str, list[str], list[str], tuple[str, str] | None]] = [
             (
                 h,
