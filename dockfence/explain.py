@@ -43,7 +43,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
             return result("allow" if ok else "deny",
                           f"{direct.label} (direct route to container address {to})",
                           direct.origin, f"{'allowed' if ok else 'not in the allow-list'} of "
-                          f"the published port: {direct.sources}")
+                          f"the published port: {direct.sources.detail()}")
         for c in inventory.containers:
             if str(to) in c.addresses:
                 return result("deny", f"{c.name} port {port}/{proto} (container address {to})",
@@ -64,7 +64,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
             or gate.label
         ok = gate.sources.admits(source)
         return result("allow" if ok else "deny", target, gate.origin,
-                      f"{'allowed' if ok else 'not in the allow-list'}: {gate.sources}")
+                      f"{'allowed' if ok else 'not in the allow-list'}: {gate.sources.detail()}")
     if published:
         c, b = published[0]
         return result(rs.unknown_published, f"{c.name} {b.container_port}/{b.proto}",
@@ -77,7 +77,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
     if hgate is not None:
         ok = hgate.sources.admits(source)
         return result("allow" if ok else "deny", f"host port {port}/{proto}", hgate.origin,
-                      f"{'allowed' if ok else 'not in the allow-list'}: {hgate.sources}")
+                      f"{'allowed' if ok else 'not in the allow-list'}: {hgate.sources.detail()}")
     return result(rs.host.default, f"host port {port}/{proto}", rs.host.origin,
                   "a host port no rule names")
 

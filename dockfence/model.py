@@ -120,6 +120,14 @@ class Sources:
         shown = ", ".join(show_network(n) for n in self.networks[:limit])
         return shown if count <= limit else f"{shown} and {count - limit:,} more"
 
+    def detail(self, limit: int = 8) -> str:
+        """describe(), plus the networks behind the names when there are few."""
+        text = self.describe(limit)
+        shown = ", ".join(show_network(n) for n in self.networks[:limit])
+        if self.names and 0 < len(self.networks) <= limit and text != shown:
+            return f"{text} ({shown})"
+        return text
+
     def __str__(self) -> str:
         return self.describe()
 

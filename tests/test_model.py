@@ -56,3 +56,10 @@ def test_union_and_equality_ignore_names() -> None:
     assert Sources.of([net("198.51.100.0/24")], names=("x",)) == u
     assert a.union(a).names == ("a",)
     assert a.union(Sources(any=True)).any
+
+
+def test_detail_shows_what_a_name_stands_for() -> None:
+    office = Sources.of([net("203.0.113.0/28"), net("2001:db8:1::/64")], names=("office",))
+    assert office.detail() == "office (203.0.113.0/28, 2001:db8:1::/64)"
+    plain = Sources.of([net("198.51.100.7")], names=("198.51.100.7",))
+    assert plain.detail() == "198.51.100.7"
