@@ -1142,3 +1142,36 @@ def test_apply_confirm_rolls_back_unless_confirmed(env: Env) -> None:
     assert dockfence_table(lab) != before
     got = probe(env, ["admin_v4_office"])
     assert got == {"admin_v4_office": True}, got
+
+
+def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
+    """django is recreated on a network that did not exist at the last apply: its published
+    port keeps its allow-list (gated by port, whatever the bridge). A port first published
+    there is not gated until the next apply, and status says so."""
+    lab = env.lab
+    ensure(env)
+    lab.docker("network", "create", "latenet")
+    try:
+        lab.docker("rm", "-f", "django")
+        lab.run_container("django", ["8081:8080"], lab.tcp_server_cmd(8080), network="latenet",
+                          restart="always")
+        lab.run_container("newport", ["8086:8080"], lab.tcp_server_cmd(8080), network="latenet")
+        wait_serving(env, ["django_v4_office"])
+        wait_host_reaches(lab, lab.container_ip("newport"), 8080)
+        expect(env, pick("django_v4_office", "django_v4_stranger", "django_v6_stranger",
+                         "django_v4_stranger_nic2"))
+        newport = lab.probe_many([(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp",
+                                   TIMEOUT)])
+        assert newport == [True], "a port first published on a new network: not gated yet"
+        st = dockfence(lab, "status")
+        assert bridge_of(lab, "latenet") in st.stderr and "appeared after the" in st.stderr, st
+        apply(env, "main")  # now it is: containers.default
+        assert lab.probe_many([(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp",
+                                TIMEOUT)]) == [False]
+    finally:
+        lab.docker("rm", "-f", "django", "newport", check=False)
+        lab.run_container("django", ["8081:8080"], lab.tcp_server_cmd(8080), restart="always")
+        lab.docker("network", "rm", "latenet", check=False)
+        env.ips["django"] = lab.container_ip("django")
+        env.probes = catalog(lab, env.ips)
+        wait_serving(env, ["django_v4_office"])

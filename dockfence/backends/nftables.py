@@ -151,14 +151,16 @@ def render(rs: Ruleset) -> str:
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
         *scope,
+        # Gated ports first, whichever bridge they lead to: a container recreated on a network
+        # that appeared after the last apply keeps its allow-list.
+        "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
+        "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
     ]
     if rs.docker_bridges:
         r.lines.append(f"\t\toifname {_ifnames(rs.docker_bridges)} goto to_containers")
     r.lines += [
         "\t}",
         "\tchain to_containers {",
-        "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
-        "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
         f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
         f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
         *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
