@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+# Linux interface names: at most 15 bytes, no '/', ':' or white space; a trailing `*` makes a
+# prefix (`wg*`), which nftables matches natively.
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$|^[A-Za-z0-9_.@-]{1,14}\*$")
 
 Proto = Literal["tcp", "udp"]
 PROTOS: tuple[Proto, ...] = ("tcp", "udp")

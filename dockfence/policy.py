@@ -12,11 +12,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from . import located_yaml
 from .errors import PolicyError
-from .model import IPNetwork, PortRange, PortSpec, Sources, Verdict
+from .model import IFNAME_RE, IPNetwork, PortRange, PortSpec, Sources, Verdict
 
 _PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
-# Linux interface names: at most 15 bytes, no '/', ':' or white space.
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 # Docker container names (and compose service names, which are stricter).
 NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -55,8 +53,11 @@ def _as_list(value: object) -> object:
 
 
 def _ifname(value: object) -> object:
+    if value == "lo":
+        raise ValueError("loopback is never outside")
     if not isinstance(value, str) or not IFNAME_RE.match(value):
-        raise ValueError("not an interface name (1-15 characters: letters, digits, _ . @ -)")
+        raise ValueError("not an interface name (1-15 characters: letters, digits, _ . @ -, "
+                         "or a prefix ending in *)")
     return value
 
 

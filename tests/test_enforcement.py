@@ -1103,12 +1103,15 @@ def test_routed_mode_network(env: Env) -> None:
         env.applied = None
 
 
-def test_named_outside_interfaces(env: Env) -> None:
-    """`interfaces: [ext0]`: only ext0 is outside. The second NIC (ext1) is then trusted like
-    a Docker bridge, so its strangers reach django, while ext0's strangers still do not."""
+@pytest.mark.parametrize("outside", ["ext0", '"ext0*"'])
+def test_named_outside_interfaces(env: Env, outside: str) -> None:
+    """`interfaces: [ext0]` (or the prefix `ext0*`): only ext0 is outside. The second NIC
+    (ext1) is then trusted like a Docker bridge, so its strangers reach django, while ext0's
+    strangers still do not."""
     lab = env.lab
     path = lab.base / "interfaces.yaml"
-    path.write_text(POLICIES["main"].replace("version: 1\n", "version: 1\ninterfaces: [ext0]\n"))
+    path.write_text(POLICIES["main"].replace("version: 1\n",
+                                             f"version: 1\ninterfaces: [{outside}]\n"))
     names = ["django_v4_stranger", "django_v6_stranger", "django_v4_stranger_nic2",
              "django_v4_office"]
     assert all(env.baseline[n] for n in names)

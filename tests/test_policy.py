@@ -161,3 +161,17 @@ def test_port_forms(text: object, first: int, last: int, proto: str) -> None:
 def test_bad_port_forms(text: object) -> None:
     with pytest.raises(ValueError):
         policy.parse_port(text)
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("eth0", True), ("wg*", True), ("br-0123456789ab", True), ("abcdefghijklmn*", True),
+    ("lo", False), ("*", False), ("abcdefghijklmnop", False), ("eth 0", False),
+    ("eth0/1", False), ('x"y', False),
+])
+def test_interface_names(name: str, ok: bool) -> None:
+    text = f"version: 1\ninterfaces: ['{name}']\n"
+    if ok:
+        assert policy.parse(text).interfaces == (name,)
+    else:
+        with pytest.raises(PolicyError):
+            policy.parse(text)

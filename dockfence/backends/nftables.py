@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import OperationalError
 from ..model import (
+    IFNAME_RE,
     PROTOS,
     DirectGate,
     Gate,
@@ -55,7 +56,7 @@ def comment(*parts: str) -> str:
 def _ifnames(names: tuple[str, ...]) -> str:
     # names were validated (policy) or come from Docker's bridge names; re-check anyway.
     for n in names:
-        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", n):
+        if not IFNAME_RE.match(n):
             raise OperationalError(f"refusing unsafe interface name {n!r}")
     return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
