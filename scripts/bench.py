@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Is dockfence fast at any allow-list size? Prints the numbers (run as root).
 
-    sudo python3 scripts/bench.py [--quick] [--markdown docs/benchmarks.md]
+    python3 scripts/bench.py [--quick]   (as root) [--markdown docs/benchmarks.md]
 
 Control plane: for allow-lists of N entries (mostly 2001:db8::/32 sub-prefixes, a few IPv4 hosts
 from 198.51.100.0/24) it times parsing the policy, compiling, rendering, loading the table with
@@ -816,7 +816,7 @@ class Settings:
 def preflight() -> None:
     if os.geteuid() != 0:
         raise BenchError("run as root (network namespaces and nft): "
-                         "sudo python3 scripts/bench.py")
+                         "python3 scripts/bench.py")
     for tool in ("ip", "nsenter", "nft", "gcc", "sysctl"):
         if shutil.which(tool, path=SYSTEM_PATH) is None:
             raise BenchError(f"{tool} not found (apt-get install -y iproute2 util-linux "
@@ -973,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         box.close()
     took = time.perf_counter() - start
     args = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["sudo python3 scripts/bench.py", *map(shlex.quote, args)])
+    command = " ".join(["python3 scripts/bench.py", *map(shlex.quote, args)])
     header = (f"Measured on: {machine()}.\nCommand: `{command}` (took {took:.0f} s).\n")
     print()
     print(header)
