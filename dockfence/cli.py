@@ -235,10 +235,8 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     pol, inv, rs = engine.desired_state(policy_path)
-    _, live_canon = engine.live_state()
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
-    applied = live_canon is not None
-    in_force = applied and live_canon == engine.nft.canonical_of(engine.nft.render(rs))
+    applied, in_force = engine.enforced(rs)
     if as_json:
         _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
                     "in_force": in_force})

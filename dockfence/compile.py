@@ -21,16 +21,9 @@ from .model import (
     Proto,
     Ruleset,
     Sources,
-    Verdict,
+    find_gate,
 )
 from .policy import ContainerRule, Policy
-
-ANYONE = Sources(any=True)
-NOBODY = Sources()
-
-
-def default_sources(verdict: Verdict) -> Sources:
-    return ANYONE if verdict == "allow" else NOBODY
 
 
 @dataclass(frozen=True)
@@ -86,13 +79,6 @@ def _rule_claims(policy: Policy, rule: ContainerRule, bindings: list[tuple[Conta
     return claims
 
 
-def _union(claims: list[_Claim]) -> Sources:
-    sources = claims[0].sources
-    for c in claims[1:]:
-        sources = sources.union(c.sources)
-    return sources
-
-
 def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, list[_Claim]]:
     """Rules add up; a published port no rule names gets the default; bare host-port rules apply
     to whatever is behind the port. Two containers behind one host port (on different host
@@ -103,11 +89,11 @@ def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, l
         if not c.bare:
             per_label[c.label].append(c)
     if not per_label:
-        return _union(bare), bare
+        return Sources.union_of(c.sources for c in bare), bare
     effective: dict[str, tuple[Sources, list[_Claim]]] = {}
     for label, claims in per_label.items():
         chosen = [c for c in claims if c.explicit] + bare or claims
-        effective[label] = (_union(chosen), chosen)
+        effective[label] = (Sources.union_of(c.sources for c in chosen), chosen)
     if len({s for s, _ in effective.values()}) > 1:
         raise OperationalError(
             f"host port {seg}/{covering[0].proto} is published by {'; '.join(effective)} "
@@ -153,19 +139,16 @@ def _direct(policy: Policy, bindings: list[tuple[Container, Binding]], gates: li
         if not c.routed_addresses:
             continue
         if b.host_port is not None:
-            gate = next((g for g in gates if g.proto == b.proto and b.host_port in g.ports),
-                        None)
+            gate = find_gate(gates, b.proto, b.host_port)
             if gate is None:
                 continue
             sources, origin = gate.sources, gate.origin
         else:
             rules = [r for r in policy.container_rules if r.port and _selects(r, c, b)]
-            sources = default_sources(policy.container_default)
+            sources = Sources.for_verdict(policy.container_default)
             origin = default_origin
             if rules:
-                sources = rules[0].sources
-                for r in rules[1:]:
-                    sources = sources.union(r.sources)
+                sources = Sources.union_of(r.sources for r in rules)
                 origin = ", ".join(policy.where(r.line) for r in rules)
         if sources.nobody:
             continue
@@ -195,7 +178,7 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         claims.extend(_rule_claims(policy, rule, bindings, warnings))
     for c, b in published:
         claims.append(_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
-                             default_sources(policy.container_default), binding_label(c, b),
+                             Sources.for_verdict(policy.container_default), binding_label(c, b),
                              default_origin, False))
     container_gates = _segments(claims)
 

@@ -17,7 +17,7 @@ from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
-from .model import Binding, Container, Inventory, Ruleset, Sources, show_network
+from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
 from .plan import Change, diff
 from .run import run
 
@@ -58,11 +58,16 @@ def desired_state(policy_path: str) -> tuple[policy.Policy, Inventory, Ruleset]:
     return pol, inv, compile_policy(pol, inv)
 
 
-def live_state() -> tuple[Ruleset | None, str | None]:
+def live_rules() -> Ruleset | None:
+    """What dockfence enforces now, read back from the kernel; None if not applied."""
     doc = nft.live_json()
-    if doc is None:
-        return None, None
-    return nft.parse_live(doc), nft.canonical(doc)
+    return None if doc is None else nft.parse_live(doc)
+
+
+def enforced(rs: Ruleset) -> tuple[bool, bool]:
+    """(dockfence is applied, the live table is exactly `rs`), without reading it back."""
+    live = nft.canonical(nft.live_json())
+    return live is not None, live is not None and live == nft.canonical_of(nft.render(rs))
 
 
 def make_plan(policy_path: str) -> Plan:
@@ -168,20 +173,29 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
     the host's own ports are never cut: that could be the operator's own session."""
     containers = {a for c in inv.containers for a in c.addresses}
     inside = local | containers
+    decided: dict[tuple[str, str, str, int], bool] = {}
+
+    def revoked(proto: str, src: str, dst: str, dport: int) -> bool:
+        if src in inside:
+            return False  # opened by the host or a container
+        if dst in local:
+            if find_gate(new.container_gates, proto, dport) is None:
+                return False
+        elif dst not in containers:
+            return False  # routed elsewhere: not dockfence's business
+        p = "udp" if proto == "udp" else "tcp"
+        a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        now = explain(new, inv, a, dport, p, b).verdict
+        before = explain(old, inv, a, dport, p, b).verdict if old else None
+        return now == "deny" and before != "deny"
+
     cut = []
     for f in flows:
-        if f.src in inside:
-            continue  # opened by the host or a container
-        if f.dst in local:
-            if not any(g.proto == f.proto and f.dport in g.ports for g in new.container_gates):
-                continue
-        elif f.dst not in containers:
-            continue  # routed elsewhere: not dockfence's business
-        src, dst = ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst)
-        proto = "udp" if f.proto == "udp" else "tcp"
-        now = explain(new, inv, src, f.dport, proto, dst).verdict
-        before = explain(old, inv, src, f.dport, proto, dst).verdict if old else None
-        if now == "deny" and before != "deny":
+        # the verdict depends on nothing else: one client's thousand flows cost one decision
+        key = (f.proto, f.src, f.dst, f.dport)
+        if key not in decided:
+            decided[key] = revoked(*key)
+        if decided[key]:
             cut.append(f)
     return cut
 
@@ -272,10 +286,9 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
                               decided_by="no allowance in the live rules", sources=[])
         return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
                           sources=_networks(mine[0].sources))
-    gate = next((g for g in live.container_gates
-                 if g.proto == b.proto and b.host_port in g.ports), None)
+    gate = find_gate(live.container_gates, b.proto, b.host_port)
     if gate is None:
-        fallback = "anyone" if live.unknown_published == "allow" else "nobody"
+        fallback = Sources.for_verdict(live.unknown_published)
         return PortStatus(**row, who=f"{fallback} through NAT; unfiltered through docker-proxy",
                           decided_by=live.unknown_origin,
                           warning="published after the last apply: run `dockfence apply`")
@@ -298,7 +311,7 @@ def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
 def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
-    live, _ = live_state()
+    live = live_rules()
     ports = [_port_status(c, b, live) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     for p in ports:
@@ -308,13 +321,13 @@ def status() -> Status:
         missing = sorted(set(inv.bridges) - set(live.docker_bridges))
         if missing:
             warnings.append(f"Docker network bridge(s) {', '.join(missing)} appeared after the "
-                            "last apply; their containers are treated as outside until "
+                            "last apply: ports first published there are not filtered until "
                             "`dockfence apply`")
     host_rules = [(f"{g.ports}/{g.proto}", str(g.sources), g.origin)
                   for g in (live.host.gates if live and live.host else ())]
     host_default = None
     if live and live.host:
-        host_default = "anyone" if live.host.default == "allow" else "nobody"
+        host_default = str(Sources.for_verdict(live.host.default))
     return Status(live is not None, ports, host_rules, host_default, warnings,
                   inv.firewall_backend)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass
 
-from .model import Gate, Inventory, PortRange, Proto, Ruleset, Verdict
+from .model import Inventory, PortRange, Proto, Ruleset, Verdict, find_gate
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,6 @@ class Explanation:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def _gate(gates: tuple[Gate, ...], proto: str, port: int) -> Gate | None:
-    return next((g for g in gates if g.proto == proto and port in g.ports), None)
 
 
 def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
@@ -49,12 +45,13 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
                 return result("deny", f"{c.name} port {port}/{proto} (container address {to})",
                               "dockfence: direct routing",
                               "new connections routed straight to a container address are "
-                              "dropped unless the port is published and allowed for the source")
+                              "dropped, except to ports Docker publishes on that address "
+                              "(routed mode) for sources their allow-list admits")
 
     published = [(c, b) for c in inventory.containers for b in c.bindings
                  if b.proto == proto and b.host_port == port and not b.loopback_only
                  and (to is None or b.host_ip in ("0.0.0.0", "::", str(to)))]
-    gate = _gate(rs.container_gates, proto, port)
+    gate = find_gate(rs.container_gates, proto, port)
     if gate is not None:
         endpoints: dict[str, list[str]] = {}
         for c, b in published:
@@ -73,7 +70,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
         return result(None, f"host port {port}/{proto}", "no `host:` section",
                       "not a published container port; dockfence leaves the host's own ports "
                       "alone")
-    hgate = _gate(rs.host.gates, proto, port)
+    hgate = find_gate(rs.host.gates, proto, port)
     if hgate is not None:
         ok = hgate.sources.admits(source)
         return result("allow" if ok else "deny", f"host port {port}/{proto}", hgate.origin,

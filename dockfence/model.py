@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -107,8 +108,10 @@ class Sources:
         if self.any or other.any:
             return Sources(any=True, names=("any",))
         names = tuple(dict.fromkeys((*self.names, *other.names)))
-        if self.networks == other.networks:  # common: one rule seen through several bindings
-            return Sources(networks=self.networks, names=names)
+        if self.networks == other.networks or not other.networks:
+            return Sources(networks=self.networks, names=names)  # one rule, several bindings
+        if not self.networks:
+            return Sources(networks=other.networks, names=names)
         return Sources(networks=collapse([*self.networks, *other.networks]), names=names)
 
     def describe(self, limit: int = 8) -> str:
@@ -124,6 +127,19 @@ class Sources:
             return f"{text} ({count:,} networks)" if count > limit else text
         shown = ", ".join(show_network(n) for n in self.networks[:limit])
         return shown if count <= limit else f"{shown} and {count - limit:,} more"
+
+    @staticmethod
+    def for_verdict(verdict: Verdict) -> Sources:
+        """A default (`allow` / `deny`) as an allow-list."""
+        return Sources(any=True, names=("any",)) if verdict == "allow" else Sources()
+
+    @staticmethod
+    def union_of(many: Iterable[Sources]) -> Sources:
+        """Rules add up: the union of all their allow-lists."""
+        out = Sources()
+        for s in many:
+            out = out.union(s)
+        return out
 
     def detail(self, limit: int = 8) -> str:
         """describe(), plus the networks behind the names when there are few."""
@@ -222,6 +238,11 @@ class DirectGate:
     sources: Sources
     label: str
     origin: str
+
+
+def find_gate(gates: Iterable[Gate], proto: str, port: int | None) -> Gate | None:
+    """The gate that decides `port`/`proto`, if any (gates never overlap)."""
+    return next((g for g in gates if g.proto == proto and port in g.ports), None)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ def facts(rs: Ruleset | None) -> Facts:
         where = f"[{d.address}]" if d.address.version == 6 else str(d.address)
         out[("direct route to", f"{where}:{d.port}/{d.proto}")] = (d.label, d.sources, d.origin)
     out[("setting", "published ports no rule names")] = (
-        "new or unlisted published ports", "anyone" if rs.unknown_published == "allow"
-        else "nobody", rs.unknown_origin)
+        "new or unlisted published ports", str(Sources.for_verdict(rs.unknown_published)),
+        rs.unknown_origin)
     out[("setting", "outside interfaces")] = (
         "filtered interfaces", ", ".join(rs.outside) if rs.outside else
         "all but loopback and Docker bridges", "")
@@ -51,7 +51,7 @@ def facts(rs: Ruleset | None) -> Facts:
     if rs.host is not None:
         out.update(_gate_facts("host port", rs.host.gates))
         out[("setting", "other host ports")] = (
-            "host ports no rule names", "anyone" if rs.host.default == "allow" else "nobody",
+            "host ports no rule names", str(Sources.for_verdict(rs.host.default)),
             rs.host.origin)
     else:
         out[("setting", "host ports")] = ("host's own ports", "not managed by dockfence", "")

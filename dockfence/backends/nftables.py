@@ -340,23 +340,15 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
                 return verdict, origin
         return None
 
-    def outside() -> tuple[str, ...] | None:
+    def ifnames(key: str, negated: bool) -> tuple[str, ...] | None:
+        """The interface names of the forward rule matching `key` (iifname/oifname)."""
         for rule in rules.get("forward", []):
             for e in rule["expr"]:
                 m = e.get("match", {})
-                if m.get("left") == {"meta": {"key": "iifname"}} and m.get("op") == "!=":
+                if m.get("left") == {"meta": {"key": key}} and (m.get("op") == "!=") == negated:
                     right = m["right"]
                     return tuple(sorted(right["set"])) if isinstance(right, dict) else (right,)
         return None
-
-    def bridges() -> tuple[str, ...]:
-        for rule in rules.get("forward", []):
-            for e in rule["expr"]:
-                m = e.get("match", {})
-                if m.get("left") == {"meta": {"key": "oifname"}}:
-                    right = m["right"]
-                    return tuple(right["set"]) if isinstance(right, dict) else (right,)
-        return ()
 
     unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
     host_default = tagged("input", TAG_HOST)
@@ -368,8 +360,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp")),
         unknown_published=unknown[0],
         unknown_origin=unknown[1],
-        outside=outside(),
-        docker_bridges=bridges(),
+        outside=ifnames("iifname", negated=True),
+        docker_bridges=ifnames("oifname", negated=False) or (),
         direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
                      for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,
