@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
     echo "bootstrap: apt-get install ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null  # as tested: with recommends
 fi
 # dockerd is started only inside lab namespaces: never let a package start one on the host.
 if command -v systemctl >/dev/null && systemctl is-active -q docker 2>/dev/null; then
