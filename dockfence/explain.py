@@ -26,7 +26,8 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
             ipaddress.IPv6Address, port: int, proto: Proto = "tcp",
             to: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> Explanation:
     """Verdict for a new connection from an outside `source` to `port` on the host (or, with
-    `to`, on that address: a container's own address means direct routing)."""
+    `to`, on that address: a container's own address means direct routing, a loopback address
+    a packet a neighbour sent to 127.0.0.1 or ::1 through the host)."""
 
     def result(verdict: Verdict | None, target: str, decided_by: str, reason: str) -> Explanation:
         return Explanation(str(source), port, proto, verdict, target, decided_by, reason)
