@@ -114,7 +114,8 @@ def inventory() -> Inventory:
     return Inventory(containers=tuple(sorted(containers, key=lambda c: c.name)),
                      bridges=tuple(bridges),
                      firewall_backend=info.get("FirewallBackend", {}).get("Driver", "iptables")
-                     if isinstance(info.get("FirewallBackend"), dict) else "iptables")
+                     if isinstance(info.get("FirewallBackend"), dict) else "iptables",
+                     docker_version=str(info.get("ServerVersion") or ""))
 
 
 # Changes that can alter the inventory: containers starting or going, networks (bridges) and

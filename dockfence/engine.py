@@ -178,10 +178,12 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
     def revoked(proto: str, src: str, dst: str, dport: int) -> bool:
         if src in inside:
             return False  # opened by the host or a container
-        if dst in local:
+        # from outside, a loopback address leads only through Docker's NAT (Docker < 28)
+        loopback = ipaddress.ip_address(dst).is_loopback
+        if dst in local and not loopback:
             if find_gate(new.container_gates, proto, dport) is None:
                 return False
-        elif dst not in containers:
+        elif dst not in containers and not loopback:
             return False  # routed elsewhere: not dockfence's business
         p = "udp" if proto == "udp" else "tcp"
         a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -269,11 +271,30 @@ class Status:
     firewall_backend: str
 
 
-def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
+LOOPBACK_ONLY = "this host only (loopback)"
+
+
+def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
+                     inv: Inventory) -> PortStatus:
+    """Who reaches a port published on a loopback address, and who sees to it."""
+    if b.family == 6:  # the kernel drops packets to ::1 arriving on any other interface
+        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="the kernel", sources=[])
+    if live is not None and live.loopback_guard:
+        return PortStatus(**row, who=LOOPBACK_ONLY, sources=[],
+                          decided_by="dockfence: loopback addresses from outside")
+    if inv.docker_guards_loopback:
+        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="Docker", sources=[])
+    return PortStatus(**row, who="this host, and neighbours that send to 127.0.0.1 through it",
+                      decided_by=f"Docker {inv.docker_version or '(version unknown)'}",
+                      warning="Docker before 28.0 forwards packets from outside addressed to "
+                      "127.0.0.1 to this port (moby#45610): run `dockfence apply`")
+
+
+def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
-        return PortStatus(**row, who="this host only (loopback)", decided_by="Docker")
+        return _loopback_status(row, b, live, inv)
     if live is None:
         return PortStatus(**row, who="anyone", decided_by="dockfence not applied",
                           warning="not protected: dockfence is not applied")
@@ -312,7 +333,7 @@ def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
     live = live_rules()
-    ports = [_port_status(c, b, live) for c in inv.containers for b in c.bindings]
+    ports = [_port_status(c, b, live, inv) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     for p in ports:
         if p.warning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -75,6 +76,26 @@ def test_kernel_round_trip(name: str) -> None:
     assert back.outside == rs.outside
     assert sorted(back.docker_bridges) == sorted(rs.docker_bridges)
     assert set(back.direct) == set(rs.direct)
+    assert back.loopback_guard and rs.loopback_guard
+
+
+@needs_root
+def test_table_without_loopback_guard_reads_back_without_it() -> None:
+    """A table made before the guard existed says so, and every render has it again."""
+    rs = dataclasses.replace(ruleset("scenario"), loopback_guard=False)
+    text = nft.render(rs)
+    assert "loopback_guard" not in text
+    back = nft.parse_live({"nftables": json.loads(nft.canonical_of(text))})
+    assert not back.loopback_guard
+
+
+def test_loopback_guard_is_rendered_whatever_the_policy() -> None:
+    for name in CASES:
+        text = nft.render(ruleset(name))
+        guard = text[text.index("chain loopback_guard"):]
+        assert "hook prerouting priority raw;" in guard
+        assert 'iifname != "lo" ip daddr 127.0.0.0/8 counter drop' in guard
+        assert 'iifname != "lo" ip6 daddr ::1 counter drop' in guard
 
 
 @needs_root

@@ -9,7 +9,8 @@ Paths covered:
   destination port (the host port the user published), never on the container port;
   new connections to a container that were not DNATed (direct routing) are dropped;
 - input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
-- input: the host's own ports, when the policy has a `host:` section.
+- input: the host's own ports, when the policy has a `host:` section;
+- prerouting: packets from outside addressed to a loopback address, whatever the policy.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ TAG_UNKNOWN = "containers.default"
 TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
+TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
@@ -131,6 +133,22 @@ def _stamp_set(stamp: Stamp | None) -> list[str]:
             "\t}"]
 
 
+
+def _loopback_guard() -> list[str]:
+    """Drop packets that arrive on any interface but lo addressed to 127.0.0.0/8 or ::1.
+    Docker < 28 DNATs them to ports published on 127.0.0.1 (moby#45610), so a neighbour could
+    reach a "this host only" port. At priority raw: before conntrack (no entry is made for them)
+    and before Docker's DNAT. The host's own loopback traffic arrives on lo; replies of Docker's
+    hairpin NAT (userland proxy off) arrive on a bridge addressed to the bridge, not 127/8."""
+    tag = comment(TAG_LOOPBACK)
+    return [
+        "\tchain loopback_guard {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f'\t\tiifname != "lo" ip daddr 127.0.0.0/8 counter drop comment {tag}',
+        f'\t\tiifname != "lo" ip6 daddr ::1 counter drop comment {tag}',
+        "\t}",
+    ]
+
 def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
     r = _Renderer(lines=[], chains={})
@@ -202,6 +220,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
         f"\t\ttype filter hook output priority {PRIORITY}; policy accept;",
         revoked,
         "\t}",
+        *(_loopback_guard() if rs.loopback_guard else []),
         "}",
     ]
     return "\n".join(r.lines) + "\n"
@@ -381,6 +400,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
 
     unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
     host_default = tagged("input", TAG_HOST)
+    # a drop (never an accept) makes the guard; absent in tables made before it existed
+    guard = tagged("loopback_guard", TAG_LOOPBACK)
     host = None
     if host_default is not None:
         host = HostRules(tuple(gates("host_tcp", "tcp") + gates("host_udp", "udp")),
@@ -394,4 +415,5 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
                      for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,
+        loopback_guard=guard is not None and guard[0] == "deny",
     )
