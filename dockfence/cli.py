@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import engine, policy
-from .errors import DockfenceError
+from .errors import DockfenceError, UsageError
 from .explain import explain as explain_verdict
 from .explain import parse_port_arg
 from .plan import Change
@@ -254,6 +254,40 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         err.print("[yellow]note:[/] the live rules differ from this policy and the running "
                   "containers (see `dockfence plan`): this is what applying it would do",
                   markup=True)
+
+
+@main.command()
+def schema() -> None:
+    """Print the policy's JSON Schema (for editors' YAML language servers)."""
+    doc = policy.json_schema()
+    click.echo(json.dumps(doc, indent=2))
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the policy to this new file (never overwritten) instead of stdout.")
+@_errors
+def init(output: str | None) -> None:
+    """Print a starting policy for the containers running now: every published port as a rule
+    with an empty allow-list to fill in, everything else denied."""
+    from .discovery import inventory
+    from .starter import starting_policy
+
+    if output is not None and os.path.lexists(output):  # say so before asking Docker
+        raise UsageError(f"{output} exists: dockfence init never overwrites a file")
+    text = starting_policy(inventory())
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise UsageError(f"{output} exists: dockfence init never overwrites a file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+    err.print(f"wrote {escape(output)}; fill in each `from:`, then `dockfence plan "
+              f"--policy {escape(output)}`", markup=False)
 
 
 @main.command()

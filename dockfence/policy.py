@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from . import located_yaml
 from .errors import PolicyError
@@ -67,8 +74,18 @@ def _container_name(value: object) -> object:
     return value.lstrip("/")
 
 
-PortField = Annotated[PortSpec, BeforeValidator(parse_port)]
-SourceField = Annotated[list[str | int], BeforeValidator(_as_list), Field(min_length=1)]
+# What editors see (`dockfence schema`); the validators above stay the authority.
+_PORT_SCHEMA = {
+    "anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+              {"type": "string", "pattern": r"^\d{1,5}(-\d{1,5})?(/(tcp|udp))?$"}],
+    "description": "8080, 8080/tcp or 8000-8100/udp (tcp when no protocol is given)",
+}
+_FROM_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "list names, addresses, CIDRs, or `any`; an empty list admits nobody",
+}
+PortField = Annotated[PortSpec, BeforeValidator(parse_port), WithJsonSchema(_PORT_SCHEMA)]
+SourceField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_FROM_SCHEMA)]
 
 
 class _Strict(BaseModel):
@@ -103,6 +120,13 @@ class _Document(_Strict):
     lists: dict[str, list[str]] = {}
     host: _HostSection | None = None
     containers: _ContainerSection = _ContainerSection()
+
+
+def json_schema() -> dict[str, Any]:
+    """The policy's JSON Schema, as editors' YAML language servers read it."""
+    doc = _Document.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **doc,
+            "title": "dockfence policy (version 1)"}
 
 
 # --- the validated policy ---------------------------------------------------------------------
