@@ -1178,3 +1178,25 @@ def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
         env.ips["django"] = lab.container_ip("django")
         env.probes = catalog(lab, env.ips)
         wait_serving(env, ["django_v4_office"])
+
+
+def test_init_writes_a_policy_that_closes_every_published_port(env: Env) -> None:
+    """`dockfence init` on the real host: a valid policy naming every running container's
+    published port with an empty allow-list; applied as it is, it shuts out even the office
+    (each probe got in at the baseline), and leaves the host's own ports alone."""
+    lab = env.lab
+    target = lab.base / "init.yaml"
+    target.unlink(missing_ok=True)
+    made = dockfence(lab, "init", "-o", str(target))
+    assert made.returncode == 0, made
+    text = target.read_text()
+    for name in ("django", "admin", "postgres", "echo", "ranged", "v6web"):
+        assert f'container: "{name}"' in text, name
+    again = dockfence(lab, "init", "-o", str(target))
+    assert again.returncode == 2 and target.read_text() == text
+    env.applied = None
+    applied = dockfence(lab, "apply", "--policy", str(target))
+    assert applied.returncode == 0, applied
+    closed = ("django_v4_office", "django_v6_office", "admin_v4_office", "udp_v4_office",
+              "v6web_v6_office", "range_8101_office", "postgres_v4_office")
+    expect(env, dict.fromkeys(closed, False) | {"host22_v4_stranger": True})
