@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,9 +109,14 @@ class _HostSection(_Strict):
     allow: list[_HostRule] = []
 
 
+class _LabelSection(_Strict):
+    may_allow: SourceField
+
+
 class _ContainerSection(_Strict):
     default: Literal["deny", "allow"] = "deny"
     allow: list[_ContainerRule] = []
+    labels: _LabelSection | None = None  # absent: container labels are ignored
 
 
 class _Document(_Strict):
@@ -160,6 +165,9 @@ class Policy:
     container_default: Verdict
     container_rules: tuple[ContainerRule, ...]
     lines: dict[str, int]  # line of `host.default`, `containers.default`, ...
+    # the most a container label may grant (`containers.labels.may_allow`); None: labels ignored
+    label_limit: Sources | None = None
+    lists: dict[str, Sources] = field(default_factory=dict, compare=False)
 
     def where(self, line: int | None) -> str:
         return f"{self.path}:{line}" if line else self.path
@@ -258,7 +266,13 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
         container_rules.append(ContainerRule(r.container, r.port, r.host_port,
                                              sources(r.from_, (*loc, "from")), line))
 
+    label_limit = None
+    if raw.containers.labels is not None:
+        label_limit = sources(raw.containers.labels.may_allow,
+                              ("containers", "labels", "may_allow"))
+
     lines = {
+        "containers.labels": doc.line(("containers", "labels")) or 0,
         "host.default": doc.line(("host", "default")) or doc.line(("host",)) or 0,
         "containers.default": doc.line(("containers", "default"))
         or doc.line(("containers",)) or 0,
@@ -271,4 +285,8 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
         container_default=raw.containers.default,
         container_rules=tuple(container_rules),
         lines=lines,
+        label_limit=label_limit,
+        # only labels look lists up by name later; do not pay for it otherwise
+        lists={name: Sources.of(nets, names=(name,)) for name, nets in lists.items()}
+        if label_limit is not None else {},
     )

@@ -1200,3 +1200,35 @@ def test_init_writes_a_policy_that_closes_every_published_port(env: Env) -> None
     closed = ("django_v4_office", "django_v6_office", "admin_v4_office", "udp_v4_office",
               "v6web_v6_office", "range_8101_office", "postgres_v4_office")
     expect(env, dict.fromkeys(closed, False) | {"host22_v4_stranger": True})
+
+
+def test_container_label_grants_within_may_allow(env: Env) -> None:
+    """A container's own label opens its port to the office; the part of the label that asks
+    for more than may_allow (a stranger) grants nothing, and apply says so, naming the
+    container, the label and the value. Baseline: both get in without dockfence."""
+    lab = env.lab
+    label = {"dockfence.allow.8080/tcp": "office, 203.0.113.100"}
+    lab.run_container("labelled", ["8087:8080"], lab.tcp_server_cmd(8080), labels=label)
+    office = (lab.client_ns, CLIENT_V4, HOST_EXT0_V4, 8087, "tcp", TIMEOUT)
+    stranger = (lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8087, "tcp", TIMEOUT)
+    path = lab.base / "labels.yaml"
+    path.write_text(policy_text().replace(
+        "containers:\n  default: deny\n",
+        "containers:\n  default: deny\n  labels:\n    may_allow: [office, branch]\n"))
+    try:
+        env.applied = None
+        dockfence(lab, "remove")
+        deadline = time.monotonic() + 10
+        while lab.probe_many([office, stranger]) != [True, True] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lab.probe_many([office, stranger]) == [True, True], "baseline"
+        applied = dockfence(lab, "apply", "--policy", str(path))
+        assert applied.returncode == 0, applied
+        assert "container labelled: label 'dockfence.allow.8080/tcp'" in applied.stderr
+        assert "'203.0.113.100': more than may_allow" in applied.stderr, applied.stderr
+        assert lab.probe_many([office, stranger]) == [True, False]
+        why = dockfence(lab, "explain", CLIENT_V4, "8087", "--policy", str(path))
+        assert "ALLOWED" in why.stdout and "label on labelled" in why.stdout, why
+    finally:
+        lab.docker("rm", "-f", "labelled", check=False)
+        env.applied = None
