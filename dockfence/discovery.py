@@ -81,7 +81,17 @@ def container_of(attrs: dict[str, Any],
                     direct.append(net[key])
     return Container(name=name, id=attrs.get("Id", ""), service=service,
                      bindings=bindings_of(settings.get("Ports")), addresses=tuple(addresses),
-                     routed_addresses=tuple(direct))
+                     routed_addresses=tuple(direct), labels=dockfence_labels(labels))
+
+
+def dockfence_labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The `dockfence.*` labels, bounded in number and size (one past each limit, so that
+    dockfence.labels can say a limit was passed), sorted so inventories compare equal."""
+    from .labels import MAX_LABELS, MAX_VALUE, PREFIX
+
+    found = sorted((k[:200], v[:MAX_VALUE + 1]) for k, v in labels.items()
+                   if isinstance(k, str) and isinstance(v, str) and k.startswith(PREFIX))
+    return tuple(found[:MAX_LABELS + 1])
 
 
 def bridge_name(net: dict[str, Any]) -> str | None:

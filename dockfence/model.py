@@ -194,6 +194,8 @@ class Container:
     # addresses on networks where Docker opens published ports on the container's own address
     # (gateway mode `routed` or `nat-unprotected`): the only ones direct routing may reach
     routed_addresses: tuple[str, ...] = ()
+    # the container's `dockfence.*` labels, raw (dockfence.labels validates them)
+    labels: tuple[tuple[str, str], ...] = ()
 
     def matches(self, selector: str) -> bool:
         return selector in (self.name, self.service)

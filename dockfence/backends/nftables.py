@@ -48,6 +48,10 @@ TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
+# Banned addresses (dockfence ban): every allow-list refuses them, `any` included. Their
+# elements are not the policy's: canonical listings leave them out, and apply carries them over.
+BAN_SETS = {4: "bans_v4", 6: "bans_v6"}
+ALLOW_ANY = "allow_any"
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
 
@@ -71,9 +75,10 @@ class _Renderer:
     chains: dict[Sources, str]
 
     def allow_chain(self, sources: Sources) -> str:
-        """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
+        """A verdict for one allow-list: drop, or a jump to a chain that refuses banned
+        addresses and then tests the list's sets (`any`: one shared chain)."""
         if sources.any:
-            return "accept"
+            return f"jump {ALLOW_ANY}"
         if sources.nobody:
             return "drop"
         if sources not in self.chains:
@@ -95,7 +100,7 @@ class _Renderer:
                         "\t}",
                     ]
                     body.append(f"\t\t{fam} saddr @{sname} accept")
-            self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
+            self.lines += [f"\tchain {name} {{", *_BAN_RULES, *body, "\t\tcounter drop", "\t}"]
         return f"jump {self.chains[sources]}"
 
     def verdict_map(self, name: str, key_type: str, interval: bool,
@@ -124,7 +129,19 @@ _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 
 def _verdict(v: Verdict) -> str:
-    return "accept" if v == "allow" else "drop"
+    return f"jump {ALLOW_ANY}" if v == "allow" else "drop"
+
+
+_BAN_RULES = [f"\t\t{fam} saddr @{BAN_SETS[v]} counter drop comment {comment('banned')}"
+              for fam, v in (("ip", 4), ("ip6", 6))]
+
+
+def _ban_sets() -> list[str]:
+    lines = []
+    for version, name in BAN_SETS.items():
+        lines += [f"\tset {name} {{", f"\t\ttype ipv{version}_addr",
+                  "\t\tflags interval,timeout", "\t}"]
+    return [*lines, f"\tchain {ALLOW_ANY} {{", *_BAN_RULES, "\t\taccept", "\t}"]
 
 
 def _stamp_set(stamp: Stamp | None) -> list[str]:
@@ -153,7 +170,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
     r = _Renderer(lines=[], chains={})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
-                *_stamp_set(stamp)]
+                *_stamp_set(stamp), *_ban_sets()]
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -239,6 +256,57 @@ def stamp_update(stamp: Stamp) -> str:
             f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment {comment(stamp.text())} }}\n")
 
 
+def ban_element_commands(net: IPNetwork, seconds: int | None) -> str:
+    """Add (or renew) one ban: add, delete, add again in one transaction resets its timeout
+    whether or not it was there. `net` is a validated network, never raw text."""
+    name = BAN_SETS[net.version]
+    elem = show_network(net)
+    timeout = f" timeout {max(seconds, 1)}s" if seconds is not None else ""
+    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"add element {FAMILY} {TABLE} {name} {{ {elem}{timeout} }}\n")
+
+
+def unban_commands(net: IPNetwork) -> str:
+    name, elem = BAN_SETS[net.version], show_network(net)
+    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n")
+
+
+def gated_ports() -> dict[str, list[tuple[int, int]]]:
+    """The published host ports the live table gates, per protocol (two small maps)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for proto in PROTOS:
+        proc = run(["nft", "-j", "list", "map", FAMILY, TABLE, f"{proto}_ports"], check=False)
+        docs = json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []
+        out[proto] = [(p.first, p.last) for obj in docs for key, _ in obj.get("map", {}).get(
+            "elem", []) for p in [_ports(_key(key)[0])]]
+    return out
+
+
+def live_bans() -> dict[str, int | None] | None:
+    """Banned networks in the live table -> seconds left (None: no timeout); None when
+    dockfence is not applied."""
+    found: dict[str, int | None] = {}
+    for name in BAN_SETS.values():
+        proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, name], check=False)
+        if proc.returncode != 0:
+            return None
+        for obj in json.loads(proc.stdout).get("nftables", []):
+            for elem in obj.get("set", {}).get("elem", []):
+                val, left = elem, None
+                if isinstance(elem, dict) and "elem" in elem:
+                    val, left = elem["elem"]["val"], elem["elem"].get("expires")
+                for net in _elem_networks(val):
+                    found[show_network(net)] = left
+    return found
+
+
+def live_stamp_present() -> bool:
+    """Is dockfence's table loaded (its small stamp set answers)?"""
+    return run(["nft", "list", "set", FAMILY, TABLE, STAMP_SET], check=False).returncode == 0
+
+
 def live_stamp() -> Stamp | None:
     """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
     dockfence is not applied or the table carries no valid stamp."""
@@ -279,9 +347,12 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
         return None
 
     items = []
+    bans = set(BAN_SETS.values())
     for obj in doc.get("nftables", []):
-        # handles sit on the table, set, map, chain and rule objects themselves, never deeper
-        items.append({kind: {k: v for k, v in body.items() if k != "handle"}
+        # handles sit on the table, set, map, chain and rule objects themselves, never deeper;
+        # banned addresses come and go by themselves and are not the policy's
+        items.append({kind: {k: v for k, v in body.items()
+                             if k != "handle" and not (k == "elem" and body.get("name") in bans)}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
@@ -353,11 +424,11 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             rules.setdefault(obj["rule"]["chain"], []).append(obj["rule"])
 
     def sources_of(verdict: dict[str, Any]) -> Sources:
-        if "accept" in verdict:
+        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
+        if "accept" in verdict or target == ALLOW_ANY:
             return Sources(any=True)
         if "drop" in verdict:
             return Sources()
-        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
         v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
         # What dockfence wrote was collapsed already and nft lists it in order: sorting is
         # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
@@ -384,7 +455,9 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         for rule in rules.get(chain, []):
             label, origin = _split(rule.get("comment", ""))
             if label == tag:
-                verdict: Verdict = "allow" if any("accept" in e for e in rule["expr"]) else "deny"
+                verdict: Verdict = "allow" if any(
+                    "accept" in e or e.get("jump", {}).get("target") == ALLOW_ANY
+                    for e in rule["expr"]) else "deny"
                 return verdict, origin
         return None
 
