@@ -256,6 +256,30 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
                   markup=True)
 
 
+_LEVEL = {"ok": "[green]ok[/]      ", "warning": "[yellow]warning[/] ",
+          "failure": "[bold red]FAILURE[/] "}
+
+
+@main.command()
+@policy_option
+@json_option
+@_errors
+def doctor(policy_path: str, as_json: bool) -> None:
+    """Check whether dockfence holds on this host, line by line, with the fix for each problem.
+    Changes nothing. Exit 0 when nothing fails, 1 otherwise."""
+    from . import doctor as doc
+
+    checks = doc.evaluate(doc.gather(policy_path))
+    if as_json:
+        _emit_json(doc.as_json(checks))
+    else:
+        for c in checks:
+            out.print(f"{_LEVEL[c.level]}{escape(c.name)}: {escape(c.message)}", markup=True)
+            if c.fix and c.level != "ok":
+                out.print(f"         fix: {escape(c.fix)}", markup=True)
+    sys.exit(1 if doc.failed(checks) else 0)
+
+
 @main.command()
 @_errors
 def remove() -> None:
