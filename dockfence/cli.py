@@ -196,7 +196,9 @@ def status(as_json: bool) -> None:
                     "warnings": st.warnings})
         return
     if not st.installed:
-        out.print("[yellow]dockfence is not applied on this host.[/]", markup=True)
+        missing = any("missing (flushed?)" in w for w in st.warnings)
+        out.print("[bold red]table inet dockfence is missing (flushed?).[/]" if missing else
+                  "[yellow]dockfence is not applied on this host.[/]", markup=True)
     table = Table(title="Published container ports", title_justify="left")
     for col in ("container", "host address:port", "container port", "who may connect",
                 "decided by"):

@@ -10,7 +10,8 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
     exit 1
 fi
-APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev)
+APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev
+     ufw)
 missing=()
 for pkg in "${APT[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
