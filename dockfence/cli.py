@@ -276,9 +276,15 @@ def doctor(policy_path: str, as_json: bool) -> None:
         _emit_json(doc.as_json(checks))
     else:
         for c in checks:
-            out.print(f"{_LEVEL[c.level]}{escape(c.name)}: {escape(c.message)}", markup=True)
+            out.print(f"{_LEVEL[c.level]}{escape(c.name)}: {escape(c.message)}", markup=True,
+                      soft_wrap=True)
             if c.fix and c.level != "ok":
-                out.print(f"         fix: {escape(c.fix)}", markup=True)
+                out.print(f"         fix: {escape(c.fix)}", markup=True, soft_wrap=True)
+        summary = doc.as_json(checks)
+        out.print(f"{summary['failures']} failure(s), {summary['warnings']} warning(s): "
+                  + ("dockfence holds on this host." if summary["ok"] else
+                     "dockfence does not hold on this host until the failures are fixed."),
+                  markup=False)
     sys.exit(1 if doc.failed(checks) else 0)
 
 

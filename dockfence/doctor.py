@@ -186,9 +186,11 @@ def _nft_check(f: Facts) -> Check:
 
 def _kernel_check(f: Facts) -> Check:
     if not f.kernel_checked:
-        why = "needs root" if not f.is_root else "nft missing"
+        why = ("needs root" if not f.is_root else "nft missing" if f.nft_version is None
+               else "no throwaway network namespace: `unshare --net` failed")
         return Check("kernel", "warning", f"kernel features not checked ({why})",
-                     "run `dockfence doctor` as root")
+                     "run `dockfence doctor` as root, outside a container that forbids "
+                     "namespaces")
     if f.kernel_error:
         return Check("kernel", "failure", "the kernel refused a table like dockfence's: "
                      f"{f.kernel_error}", "a kernel with nf_tables, nft_ct, nft_nat, "
@@ -495,7 +497,9 @@ def gather(policy_path: str) -> Facts:
     f = Facts(is_root=os.geteuid() == 0, policy_path=policy_path)
     version = _try(lambda: run(["nft", "--version"]).stdout)
     f.nft_version = parse_nft_version(version) if version else None
-    if f.nft_version and f.is_root:
+    # a throwaway namespace first: without one (no CAP_SYS_ADMIN) the kernel is not asked at all
+    sandbox = _try(lambda: run(["unshare", "--net", "--", "true"], check=False).returncode == 0)
+    if f.nft_version and f.is_root and sandbox:
         f.kernel_checked = True
         try:
             nft.canonical_of(probe_table())

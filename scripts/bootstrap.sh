@@ -10,6 +10,8 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
     exit 1
 fi
+# ufw: for the coexistence tests only. It installs disabled (ENABLED=no) and the tests run it
+# inside lab namespaces with its state in a copy of /etc/ufw, never on the machine itself.
 APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev
      ufw)
 missing=()
