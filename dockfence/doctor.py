@@ -445,7 +445,9 @@ def _flag(path: str) -> bool | None:
 
 
 def _same_netns_pids(comm: set[str]) -> list[tuple[int, list[str]]]:
-    """Processes in this network namespace whose name is in comm, with their argv."""
+    """Processes in this network namespace whose name is in comm (an entry ending in * is a
+    prefix), with their argv."""
+    prefixes = tuple(c[:-1] for c in comm if c.endswith("*"))
     try:
         mine = os.stat("/proc/self/ns/net").st_ino
     except OSError:
@@ -456,7 +458,9 @@ def _same_netns_pids(comm: set[str]) -> list[tuple[int, list[str]]]:
             continue
         try:
             name = Path(f"/proc/{entry.name}/comm").read_text().strip()
-            if name not in comm or os.stat(f"/proc/{entry.name}/ns/net").st_ino != mine:
+            if name not in comm and not (prefixes and name.startswith(prefixes)):
+                continue
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino != mine:
                 continue
             argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
             out.append((int(entry.name), [a.decode(errors="replace") for a in argv if a]))
@@ -561,6 +565,6 @@ def gather(policy_path: str) -> Facts:
     f.systemd, f.services = _services_state()
     f.watch_process = any(
         "watch" in argv and any("dockfence" in a for a in argv[:3])
-        for _, argv in _same_netns_pids({"dockfence", "python3", "python"}))
+        for _, argv in _same_netns_pids({"dockfence", "python*"}))
     return f
 

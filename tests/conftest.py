@@ -63,21 +63,17 @@ def unique_lab_name(flavour: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab_factory() -> Iterator[LabFactory]:
-    """make(flavour="system", dockerd_args=(), iptables="default") -> a started Lab, stopped
-    after the module."""
+    """make(flavour="system", dockerd_args=()) -> a started Lab, stopped after the module."""
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
     labs: list[Lab] = []
 
-    def make(
-        flavour: str = "system", dockerd_args: Sequence[str] = (), iptables: str = "default"
-    ) -> Lab:
+    def make(flavour: str = "system", dockerd_args: Sequence[str] = ()) -> Lab:
         lab = Lab(
             unique_lab_name(flavour),
             docker_bin_dir=docker_bin_dir(flavour),
             dockerd_args=dockerd_args,
-            iptables=iptables,
         )
         labs.append(lab)
         lab.start()

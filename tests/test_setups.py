@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ from dockfence.lab import (
     HOST_EXT0_V6,
     HOST_EXT0_V6_ALT,
     HOST_EXT1_V4,
+    NETNS_DIR,
     SYSTEM_PATH,
     Lab,
     probe_from,
@@ -88,6 +91,10 @@ SETUPS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "ufw/20.10": ("system", {}, True),
     "ufw/28.5": ("docker28", {}, True),
 }
+
+
+# ufw's state on the machine itself: must stay as it was (ENABLED=no)
+MACHINE_UFW = ("/etc/ufw", "/etc/default/ufw", "/lib/ufw")
 
 
 @dataclass(frozen=True)
@@ -272,7 +279,7 @@ def host(request: pytest.FixtureRequest) -> Iterator[Setup]:
     flavour, options, with_ufw = SETUPS[request.param]
     if with_ufw and shutil.which("ufw", path=SYSTEM_PATH) is None:
         pytest.skip("ufw not installed (apt-get install ufw)")
-    machine_ufw = files_digest("/etc/ufw", "/etc/default/ufw")
+    machine_ufw = files_digest(*MACHINE_UFW)
     lab = Lab(unique_lab_name(flavour), docker_bin_dir=docker_bin_dir(flavour), **options)
     try:
         lab.start()
@@ -300,7 +307,7 @@ def host(request: pytest.FixtureRequest) -> Iterator[Setup]:
         yield s
     finally:
         lab.stop()
-        assert files_digest("/etc/ufw", "/etc/default/ufw") == machine_ufw, \
+        assert files_digest(*MACHINE_UFW) == machine_ufw, \
             "the machine's own ufw files changed"
 
 
@@ -395,6 +402,7 @@ def test_setup_specific_paths(host: Setup) -> None:
 
 
 def test_doctor_after_apply(host: Setup) -> None:
+    apply(host)  # already applied by the matrix: "No changes"; here so the test runs alone
     code, report = doctor_json(host)
     checks = by_name(report)
     assert code == 0 and report["ok"], report
@@ -402,8 +410,38 @@ def test_doctor_after_apply(host: Setup) -> None:
     assert checks["published-ports"]["level"] == "ok", checks["published-ports"]
 
 
+def test_doctor_sees_a_running_watch(host: Setup) -> None:
+    """No systemd in the lab: the watch service is a warning, unless a `dockfence watch` runs
+    in the host's namespace."""
+    s, lab = host, host.lab
+    if s.name != "proxy-off/28.5":
+        pytest.skip("one setup is enough: the check does not depend on the daemon")
+    _, report = doctor_json(s)
+    assert by_name(report)["dockfence-watch.service"]["level"] == "warning"
+    log = lab.base / "watch.log"
+    env = {**os.environ, "DOCKER_HOST": lab.docker_host, "PYTHONPATH": str(REPO),
+           "DOCKFENCE_STATE_DIR": str(lab.base / "state")}
+    with log.open("w") as out:
+        watch = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence",
+             "watch", "--policy", str(s.policy), "--interval", "0.5"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 15
+        while "start:" not in log.read_text():
+            assert watch.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        _, report = doctor_json(s)
+        unit = by_name(report)["dockfence-watch.service"]
+        assert unit["level"] == "ok" and "watch` runs" in unit["message"], unit
+    finally:
+        watch.terminate()
+        watch.wait(10)
+
+
 def test_doctor_port_published_after_apply(host: Setup) -> None:
     lab = host.lab
+    apply(host)
     lab.run_container("late", ["8095:8080"], lab.tcp_server_cmd(8080))
     try:
         code, report = doctor_json(host)
@@ -426,8 +464,8 @@ def test_other_tables_reload_leaves_dockfence_alone(host: Setup) -> None:
           "  ct state established,related accept\n }\n}\n")
     lab.host_exec("nft", "-f", "-", input=fw)
     ours = str(lab.host_exec("nft", "-s", "list", "table", "inet", "dockfence").stdout)
-    before = s.enforced  # the matrix under POLICY, before any reload
-    assert before, "test_path_matrix runs first"
+    apply(s)
+    before = s.enforced or probe_all(s)  # the matrix under POLICY, before any reload
     lab.host_exec("nft", "-f", "-", input="delete table inet firewalld\n" + fw)
     for save, restore in (("iptables-save", "iptables-restore"),
                           ("ip6tables-save", "ip6tables-restore")):
@@ -445,6 +483,7 @@ def test_other_tables_reload_leaves_dockfence_alone(host: Setup) -> None:
 
 def test_remove_leaves_every_other_table(host: Setup) -> None:
     s, lab = host, host.lab
+    apply(s)
     before_nft, before_legacy = nft_ruleset(lab), legacy_rules(lab)
     proc = dockfence(lab, "remove")
     assert proc.returncode == 0 and "Removed" in proc.stdout, proc
