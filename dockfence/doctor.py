@@ -69,7 +69,6 @@ class Facts:
     other_tables: tuple[str, ...] = ()  # "inet foo": tables nobody above accounts for
     userland_proxy: bool | None = None
     userland_proxy_source: str = ""
-    ip_forward: bool | None = None
     ipv6_forwarding: bool | None = None
     ipv6_networks: tuple[str, ...] = ()  # Docker networks with IPv6
     br_netfilter: bool | None = None
@@ -523,7 +522,6 @@ def gather(policy_path: str) -> Facts:
     f.firewalld = any("firewalld" in t for t in names) or bool(_same_netns_pids({"firewalld"}))
     f.other_tables = other_tables(names)
 
-    f.ip_forward = _flag("/proc/sys/net/ipv4/ip_forward")
     f.ipv6_forwarding = _flag("/proc/sys/net/ipv6/conf/all/forwarding")
     if Path("/proc/sys/net/bridge").is_dir():
         f.br_netfilter = _flag("/proc/sys/net/bridge/bridge-nf-call-iptables")

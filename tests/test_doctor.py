@@ -23,7 +23,7 @@ ALL_UNITS = {u: Service(True, True, True) for u in doctor.UNITS}
 def healthy() -> Facts:
     return Facts(nft_version="1.0.6", kernel_checked=True, docker_version="28.5.2",
                  firewall_backend="iptables", docker_chains=("nft",), userland_proxy=True,
-                 userland_proxy_source="Docker's default", ip_forward=True,
+                 userland_proxy_source="Docker's default",
                  ipv6_forwarding=True, br_netfilter=True, table_present=True,
                  policy_path="/etc/dockfence/policy.yaml", policy_matches=True, published=3,
                  systemd=True, services=dict(ALL_UNITS))
