@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import discovery, policy, statedir
+from . import discovery, engine, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError
@@ -555,8 +555,8 @@ def gather(policy_path: str) -> Facts:
         try:
             pol = policy.load(policy_path)
             if inv is not None:
-                desired = nft.canonical_of(nft.render(compile_policy(pol, inv)))
-                f.policy_matches = nft.canonical(live_doc) == desired
+                # the engine's own notion of "the live table is what apply would write"
+                f.policy_matches = engine.enforced(compile_policy(pol, inv))[1]
         except DockfenceError as exc:
             f.policy_error = str(exc)
 
