@@ -35,6 +35,7 @@ from ..model import (
     show_network,
 )
 from ..run import run
+from ..stamp import Stamp
 
 FAMILY, TABLE = "inet", "dockfence"
 PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
@@ -44,6 +45,7 @@ TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
+STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
 
@@ -123,10 +125,17 @@ def _verdict(v: Verdict) -> str:
     return "accept" if v == "allow" else "drop"
 
 
-def render(rs: Ruleset) -> str:
+def _stamp_set(stamp: Stamp | None) -> list[str]:
+    return [f"\tset {STAMP_SET} {{", "\t\ttype inet_service",
+            *([f"\t\telements = {{ 1 comment {comment(stamp.text())} }}"] if stamp else []),
+            "\t}"]
+
+
+def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
     r = _Renderer(lines=[], chains={})
-    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"']
+    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
+                *_stamp_set(stamp)]
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -202,6 +211,26 @@ def transaction(table: str) -> str:
     """Create-if-missing, delete, recreate: one atomic batch with no window in between.
     `table` is what render() made."""
     return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + table
+
+
+def stamp_update(stamp: Stamp) -> str:
+    """nft commands that replace the table's stamp; part of the same transaction as the change
+    it describes."""
+    return (f"flush set {FAMILY} {TABLE} {STAMP_SET}\n"
+            f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment {comment(stamp.text())} }}\n")
+
+
+def live_stamp() -> Stamp | None:
+    """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
+    dockfence is not applied or the table carries no valid stamp."""
+    proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
+    if proc.returncode != 0:
+        return None
+    for obj in json.loads(proc.stdout).get("nftables", []):
+        for elem in obj.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                return Stamp.parse(elem["elem"].get("comment", ""))
+    return None
 
 
 def removal() -> str:
@@ -294,7 +323,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
-        if "set" in obj:
+        if "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
             sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
             if s.get("comment"):
