@@ -196,7 +196,9 @@ def status(as_json: bool) -> None:
                     "warnings": st.warnings})
         return
     if not st.installed:
-        out.print("[yellow]dockfence is not applied on this host.[/]", markup=True)
+        missing = any("missing (flushed?)" in w for w in st.warnings)
+        out.print("[bold red]table inet dockfence is missing (flushed?).[/]" if missing else
+                  "[yellow]dockfence is not applied on this host.[/]", markup=True)
     table = Table(title="Published container ports", title_justify="left")
     for col in ("container", "host address:port", "container port", "who may connect",
                 "decided by"):
@@ -260,6 +262,36 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         err.print("[yellow]note:[/] the live rules differ from this policy and the running "
                   "containers (see `dockfence plan`): this is what applying it would do",
                   markup=True)
+
+
+_LEVEL = {"ok": "[green]ok[/]      ", "warning": "[yellow]warning[/] ",
+          "failure": "[bold red]FAILURE[/] "}
+
+
+@main.command()
+@policy_option
+@json_option
+@_errors
+def doctor(policy_path: str, as_json: bool) -> None:
+    """Check whether dockfence holds on this host, line by line, with the fix for each problem.
+    Changes nothing. Exit 0 when nothing fails, 1 otherwise."""
+    from . import doctor as doc
+
+    checks = doc.evaluate(doc.gather(policy_path))
+    if as_json:
+        _emit_json(doc.as_json(checks))
+    else:
+        for c in checks:
+            out.print(f"{_LEVEL[c.level]}{escape(c.name)}: {escape(c.message)}", markup=True,
+                      soft_wrap=True)
+            if c.fix and c.level != "ok":
+                out.print(f"         fix: {escape(c.fix)}", markup=True, soft_wrap=True)
+        summary = doc.as_json(checks)
+        out.print(f"{summary['failures']} failure(s), {summary['warnings']} warning(s): "
+                  + ("dockfence holds on this host." if summary["ok"] else
+                     "dockfence does not hold on this host until the failures are fixed."),
+                  markup=False)
+    sys.exit(1 if doc.failed(checks) else 0)
 
 
 @main.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -99,6 +100,28 @@ def bridge_name(net: dict[str, Any]) -> str | None:
         return None
     name = (net.get("Options") or {}).get("com.docker.network.bridge.name")
     return name or f"br-{net['Id'][:12]}"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    version: str
+    firewall_backend: str | None  # None: the Engine does not report it (before 28.1)
+    ipv6_networks: tuple[str, ...]
+
+
+def daemon_facts() -> Daemon:
+    """What `dockfence doctor` needs to know about the daemon itself."""
+    client = _client()
+    try:
+        version = str(client.api.version().get("Version", "?"))
+        backend = client.api.info().get("FirewallBackend")
+        networks = client.api.networks()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise OperationalError(f"Docker API error: {exc}") from None
+    finally:
+        client.close()
+    return Daemon(version, backend.get("Driver") if isinstance(backend, dict) else None,
+                  tuple(sorted(n["Name"] for n in networks if n.get("EnableIPv6"))))
 
 
 def inventory() -> Inventory:

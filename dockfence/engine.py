@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import bans, discovery, policy
+from . import bans, discovery, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
@@ -427,6 +427,11 @@ def status() -> Status:
     live = live_rules()
     ports = [_port_status(c, b, live, inv) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
+    record = statedir.applied_record() if live is None else None
+    if record:
+        warnings.append(f"table inet dockfence is missing (flushed?): it was applied before "
+                        f"({record}); nothing is filtered until `dockfence apply` (a running "
+                        "`dockfence watch` puts it back)")
     for p in ports:
         if p.warning:
             warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")

@@ -10,7 +10,10 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
     exit 1
 fi
-APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev)
+# ufw: for the coexistence tests only. It installs disabled (ENABLED=no) and the tests run it
+# inside lab namespaces with its state in a copy of /etc/ufw, never on the machine itself.
+APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev
+     ufw)
 # the tests also run real fail2ban, inside lab namespaces only
 [[ "${1:-}" == "--test" ]] && APT+=(fail2ban)
 missing=()
