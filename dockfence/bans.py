@@ -19,15 +19,12 @@ from pathlib import Path
 
 from .errors import OperationalError, UsageError
 from .model import IPNetwork, show_network
+from .statedir import state_dir
 
 _DURATION_RE = re.compile(r"^(\d{1,9})([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_BANS = 100_000
 RECORD = "bans.json"
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("DOCKFENCE_STATE_DIR", "/var/lib/dockfence"))
 
 
 def parse_duration(text: str) -> int | None:
