@@ -63,21 +63,51 @@ def _ifnames(names: tuple[str, ...]) -> str:
     return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
 
+# Refused new connections are counted, and reported through NFLOG (a plain `log` is silent
+# outside the initial network namespace). One named limit shared by every refusal bounds what
+# reaches userspace whatever the flood; the counters still count every packet.
+LOG_GROUP = 0x6466  # "df"; NFLOG groups are per network namespace
+LOG_PREFIX = "dockfence "  # + the counter name of the refusing rule (see dockfence.refusals)
+LOG_LIMIT = "refusal_log"
+LOG_RATE = "1000/second burst 2000 packets"
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+# counters of the defaults (the gates' own are named after their chains, see gate_name)
+COUNTER_UNKNOWN, COUNTER_DIRECT = "containers_default", "direct_routing"
+COUNTER_HOST, COUNTER_REVOKED = "host_default", "revoked"
+
+
+def gate_name(map_name: str, key: str) -> str:
+    """The chain deciding one map element, and the stem of its counters: `tcp_ports_8080`,
+    `host_tcp_22`, `direct_v6_tcp_2001_db8__2_80`. Derived from what the key holds, so status
+    finds a port's counters without reading the chains."""
+    return f"{map_name}_{_NAME_UNSAFE.sub('_', key.replace(' . ', '_'))}"
+
+
+def refuse(counter: str, text: str, match: str = "") -> str:
+    """The refusal of one drop point: counted, reported (kernel rate-limited), dropped. Two
+    rules, because `limit` ends a rule once over budget and the drop must happen anyway."""
+    return (f"\t\t{match}counter name {counter} limit name {LOG_LIMIT} "
+            f'log prefix "{LOG_PREFIX}{counter}" group {LOG_GROUP}\n'
+            f"\t\t{match}drop comment {text}")
+
+
+def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
+    """A default's rule: counted under `counter`; refusals reported (see refuse)."""
+    if verdict == "allow":
+        return f"\t\t{match}counter name {counter} accept comment {text}"
+    return refuse(counter, text, match)
+
+
 @dataclass
 class _Renderer:
     lines: list[str]
-    chains: dict[Sources, str]
+    sets: dict[Sources, list[tuple[str, str]]]
 
-    def allow_chain(self, sources: Sources) -> str:
-        """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
-        if sources.any:
-            return "accept"
-        if sources.nobody:
-            return "drop"
-        if sources not in self.chains:
-            name = f"allow_{len(self.chains)}"
-            self.chains[sources] = name
-            body = []
+    def allow_sets(self, sources: Sources) -> list[tuple[str, str]]:
+        """(family match, set name) of an allow-list's address sets, emitted once per list."""
+        if sources not in self.sets:
+            name = f"allow_{len(self.sets)}"
+            self.sets[sources] = []
             for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
                 if nets:
                     sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
@@ -92,16 +122,29 @@ class _Renderer:
                         f"\t\telements = {{ {elements} }}",
                         "\t}",
                     ]
-                    body.append(f"\t\t{fam} saddr @{sname} accept")
-            self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
-        return f"jump {self.chains[sources]}"
+                    self.sets[sources].append((fam, sname))
+        return self.sets[sources]
+
+    def gate_chain(self, name: str, text: str, sources: Sources) -> str:
+        """One chain per gate, so each port counts its own allowed and refused connections."""
+        tests = [""] if sources.any else [] if sources.nobody else [
+            f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
+        self.lines += [f"\tcounter {name}_allowed {{", "\t}",
+                       f"\tcounter {name}_refused {{", "\t}",
+                       f"\tchain {name} {{",
+                       *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
+                       *([] if sources.any else [refuse(f"{name}_refused", text)]),
+                       "\t}"]
+        return f"goto {name}"
 
     def verdict_map(self, name: str, key_type: str, interval: bool,
                     entries: list[tuple[str, str, Sources]]) -> None:
-        """A map from `key` to the verdict of its allow-list; entries: (key, comment, sources)."""
+        """A map from `key` to the chain deciding its allow-list; entries: (key, comment,
+        sources)."""
         # Elements first: they emit the chains and sets they jump to, which must come before.
-        elements = ", ".join(f"{key} comment {text} : {self.allow_chain(sources)}"
-                             for key, text, sources in entries)
+        elements = ", ".join(
+            f"{key} comment {text} : {self.gate_chain(gate_name(name, key), text, sources)}"
+            for key, text, sources in entries)
         self.lines += [f"\tmap {name} {{", f"\t\ttype {key_type} : verdict",
                        *(["\t\tflags interval"] if interval else [])]
         if elements:
@@ -121,10 +164,6 @@ class _Renderer:
 _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 
-def _verdict(v: Verdict) -> str:
-    return "accept" if v == "allow" else "drop"
-
-
 def _stamp_set(stamp: Stamp | None) -> list[str]:
     return [f"\tset {STAMP_SET} {{", "\t\ttype inet_service",
             *([f"\t\telements = {{ 1 comment {comment(stamp.text())} }}"] if stamp else []),
@@ -133,9 +172,12 @@ def _stamp_set(stamp: Stamp | None) -> list[str]:
 
 def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
-    r = _Renderer(lines=[], chains={})
+    r = _Renderer(lines=[], sets={})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
-                *_stamp_set(stamp)]
+                *_stamp_set(stamp),
+                *(f"\tcounter {c} {{\n\t}}" for c in (COUNTER_UNKNOWN, COUNTER_DIRECT,
+                                                      COUNTER_HOST, COUNTER_REVOKED)),
+                f"\tlimit {LOG_LIMIT} {{", f"\t\trate {LOG_RATE}", "\t}"]
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -147,7 +189,8 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
                          [g for g in rs.direct if g.proto == proto
                           and g.address.version == version])
 
-    revoked = f"\t\tct mark {REVOKED_MARK:#x} counter drop comment {comment(TAG_REVOKED)}"
+    revoked = (f"\t\tct mark {REVOKED_MARK:#x} counter name {COUNTER_REVOKED} drop comment "
+               f"{comment(TAG_REVOKED)}")
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
     scope = []
     if rs.outside is not None:
@@ -171,11 +214,11 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     r.lines += [
         "\t}",
         "\tchain to_containers {",
-        f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
-        f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
+        decide(COUNTER_UNKNOWN, rs.unknown_published, comment(TAG_UNKNOWN, rs.unknown_origin),
+               "ct status dnat "),
         *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
           for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
-        f"\t\tcounter drop comment {comment(TAG_DIRECT)}",
+        refuse(COUNTER_DIRECT, comment(TAG_DIRECT)),
         "\t}",
         "\tchain input {",
         f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
@@ -193,8 +236,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
             "\t\tudp sport 547 udp dport 546 accept",
             "\t\ttcp dport vmap @host_tcp",
             "\t\tudp dport vmap @host_udp",
-            f"\t\tcounter {_verdict(rs.host.default)} comment "
-            f"{comment(TAG_HOST, rs.host.origin)}",
+            decide(COUNTER_HOST, rs.host.default, comment(TAG_HOST, rs.host.origin)),
         ]
     r.lines += [
         "\t}",
@@ -249,9 +291,22 @@ def live_json() -> dict[str, Any] | None:
     return json.loads(proc.stdout)
 
 
+def live_counters() -> dict[str, int] | None:
+    """Packets counted by each named counter of the live table (one small listing whatever the
+    lists hold), or None when dockfence is not applied."""
+    proc = run(["nft", "-j", "list", "counters", "table", FAMILY, TABLE], check=False)
+    if proc.returncode != 0:
+        return None
+    return {o["counter"]["name"]: int(o["counter"]["packets"])
+            for o in json.loads(proc.stdout).get("nftables", []) if "counter" in o}
+
+
 def live_text() -> str | None:
     proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
     return proc.stdout if proc.returncode == 0 else None
+
+
+_COUNTS = ("packets", "bytes")
 
 
 def canonical(doc: dict[str, Any] | None) -> str | None:
@@ -262,7 +317,9 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
     items = []
     for obj in doc.get("nftables", []):
         # handles sit on the table, set, map, chain and rule objects themselves, never deeper
-        items.append({kind: {k: v for k, v in body.items() if k != "handle"}
+        # named counters list their values even with -s: they are state, not rules
+        items.append({kind: {k: v for k, v in body.items()
+                             if k != "handle" and not (kind == "counter" and k in _COUNTS)}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
@@ -338,12 +395,22 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             return Sources(any=True)
         if "drop" in verdict:
             return Sources()
+        # a gate chain (see _Renderer.gate_chain): one accept per address set, or a bare one
         target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
-        v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
+        accepts = [r["expr"] for r in rules.get(target, []) if any("accept" in e for e in
+                                                                    r["expr"])]
+        refs = [e["match"]["right"][1:] for expr in accepts for e in expr
+                if isinstance(e.get("match", {}).get("right"), str)
+                and e["match"]["right"].startswith("@")]
+        if accepts and not refs:
+            return Sources(any=True)
+        nets = [n for ref in sorted(refs, key=lambda r: r.endswith("_v6")) for n in sets[ref]]
         # What dockfence wrote was collapsed already and nft lists it in order: sorting is
         # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
-        names = set_names.get(f"{target}_v4") or set_names.get(f"{target}_v6") or ()
-        return Sources(networks=(*sorted(v4), *sorted(v6)), names=names)  # type: ignore[type-var]
+        names = next((set_names[r] for r in refs if r in set_names), ())
+        v4 = sorted(n for n in nets if n.version == 4)
+        v6 = sorted(n for n in nets if n.version == 6)
+        return Sources(networks=(*v4, *v6), names=names)  # type: ignore[type-var]
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
