@@ -1,0 +1,275 @@
+"""Refused attempts, in the user's terms: who tried, what they asked for, which policy line said
+no. The kernel reports refusals through NFLOG (see backends.nftables.refuse, rate-limited
+there); whoever reads the group (`dockfence watch`, or `dockfence log --follow` when no watch
+runs) prints them, summarises floods, and keeps a short history for `dockfence log`.
+
+Memory stays bounded whatever arrives: a flood is counted, not stored, and the distinct sources
+of one summary window are remembered up to SOURCES_CAP."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import discovery
+from .backends import nftables as nft
+from .errors import DockfenceError
+from .model import Inventory, Ruleset
+from .nflog import Packet
+
+WINDOW = 10.0  # seconds per summary window
+LINES_PER_WINDOW = 20  # attempts printed one by one per window; the rest are summarised
+SOURCES_CAP = 10_000
+HISTORY_BYTES = 1 << 20  # per history file; one older file is kept
+
+
+@dataclass(frozen=True)
+class Attempt:
+    time: float
+    source: str  # address
+    sport: int | None
+    proto: str
+    asked: str  # "django 8080/tcp (host port 8081)", "host port 22/tcp", ...
+    refused_by: str  # the policy line (or default) that refused it
+
+    def line(self) -> str:
+        src = f"[{self.source}]" if ":" in self.source else self.source
+        port = f":{self.sport}" if self.sport is not None else ""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.time))
+        return f"{stamp} refused {src}{port} -> {self.asked}  ({self.refused_by})"
+
+
+@dataclass(frozen=True)
+class Summary:
+    time: float
+    more: int  # attempts seen but not printed one by one
+    sources: int  # distinct sources among them (capped at SOURCES_CAP)
+    seconds: float
+
+    def line(self) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.time))
+        cap = "at least " if self.sources >= SOURCES_CAP else ""
+        return (f"{stamp} refused: and {self.more:,} more from {cap}{self.sources:,} "
+                f"source(s) in the last {self.seconds:.0f} s (the kernel reports at most "
+                f"{nft.LOG_RATE.split()[0]}; `dockfence status` counts them all)")
+
+
+Record = Attempt | Summary
+
+
+class Describer:
+    """Maps a refusal (the counter named in its log prefix, and its addresses) to the user's
+    terms, from the live rules and Docker's containers."""
+
+    def __init__(self, rules: Ruleset | None, inv: Inventory | None) -> None:
+        self.names: dict[str, tuple[str, str]] = {}  # counter -> (asked, refused by)
+        self.containers: dict[str, str] = {}  # address -> container name
+        if inv is not None:
+            self.containers = {a: c.name for c in inv.containers for a in c.addresses}
+        if rules is None:
+            return
+        for g in rules.container_gates:
+            stem = nft.gate_name(f"{g.proto}_ports", str(g.ports))
+            self.names[f"{stem}_refused"] = (f"{g.label} (host port {g.ports})", g.origin)
+        for g in rules.host.gates if rules.host else ():
+            stem = nft.gate_name(f"host_{g.proto}", str(g.ports))
+            self.names[f"{stem}_refused"] = (f"host port {g.ports}/{g.proto}", g.origin)
+        for d in rules.direct:
+            fam = "v4" if d.address.version == 4 else "v6"
+            stem = nft.gate_name(f"direct_{fam}_{d.proto}", f"{d.address} . {d.port}")
+            self.names[f"{stem}_refused"] = (f"{d.label} on {d.address} (direct routing)",
+                                             d.origin)
+        self.unknown_origin = rules.unknown_origin
+        self.host_origin = rules.host.origin if rules.host else ""
+
+    @staticmethod
+    def live() -> Describer:
+        """From the live table and Docker; whatever is unavailable is described by address."""
+        from .engine import live_rules  # engine imports much; only the readers need it
+
+        try:
+            rules = live_rules()
+        except DockfenceError:
+            rules = None
+        try:
+            inv = discovery.inventory()
+        except DockfenceError:
+            inv = None
+        return Describer(rules, inv)
+
+    def knows(self, counter: str) -> bool:
+        return counter in self.names or counter in (nft.COUNTER_UNKNOWN, nft.COUNTER_HOST,
+                                                    nft.COUNTER_DIRECT)
+
+    def describe(self, p: Packet) -> Attempt:
+        counter = p.prefix.removeprefix(nft.LOG_PREFIX)
+        port = f"{p.dport}/{p.proto}" if p.dport is not None else p.proto
+        who = self.containers.get(p.dst)
+        if counter in self.names:
+            asked, by = self.names[counter]
+        elif counter == nft.COUNTER_UNKNOWN:  # after DNAT: the container's own address
+            asked = f"{who or p.dst} {port} (published after the last apply)"
+            by = f"containers.default | {getattr(self, 'unknown_origin', '')}".rstrip(" |")
+        elif counter == nft.COUNTER_HOST:
+            asked = f"host port {port}"
+            by = f"host.default | {getattr(self, 'host_origin', '')}".rstrip(" |")
+        elif counter == nft.COUNTER_DIRECT:
+            asked = f"{who or 'container'} {port} on {p.dst} (direct routing)"
+            by = "direct routing: no published port or policy rule allows it"
+        else:
+            asked, by = f"{p.dst} {port}", counter or "unknown rule"
+        return Attempt(p.time, p.src, p.sport, p.proto, asked, by)
+
+
+class Summariser:
+    """Lets the first LINES_PER_WINDOW attempts of each window through one by one and counts
+    the rest; bounded memory whatever the flood."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.start = time.time() if now is None else now
+        self.shown = 0
+        self.more = 0
+        self.sources: set[str] = set()
+
+    def offer(self, a: Attempt) -> bool:
+        """True if the attempt should be printed on its own."""
+        if self.shown < LINES_PER_WINDOW:
+            self.shown += 1
+            return True
+        self.more += 1
+        if len(self.sources) < SOURCES_CAP:
+            self.sources.add(a.source)
+        return False
+
+    def tick(self, now: float | None = None) -> Summary | None:
+        """At the end of a window: its summary (if anything was held back), and a new window."""
+        now = time.time() if now is None else now
+        if now - self.start < WINDOW:
+            return None
+        out = Summary(now, self.more, len(self.sources), now - self.start) if self.more else None
+        self.start, self.shown, self.more = now, 0, 0
+        self.sources = set()
+        return out
+
+
+# --- history: what `dockfence log` shows ---------------------------------------------------
+
+def history_path() -> Path:
+    netns = os.stat("/proc/self/ns/net").st_ino  # one history per network namespace
+    return Path(f"/run/dockfence/refused.{netns}.jsonl")
+
+
+def as_json(r: Record) -> dict[str, object]:
+    return {"kind": "attempt" if isinstance(r, Attempt) else "summary", **asdict(r)}
+
+
+def from_json(d: dict[str, object]) -> Record | None:
+    kind = d.pop("kind", None)
+    try:
+        return Attempt(**d) if kind == "attempt" else Summary(**d)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class History:
+    """Append-only JSON lines, rotated at HISTORY_BYTES (one older file kept)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or history_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, r: Record) -> None:
+        try:
+            if self.path.stat().st_size > HISTORY_BYTES:
+                self.path.replace(self.path.with_suffix(".jsonl.1"))
+        except FileNotFoundError:
+            pass
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(as_json(r)) + "\n")
+
+
+def read_history(path: Path | None = None) -> list[Record]:
+    path = path or history_path()
+    out = []
+    for p in (path.with_suffix(".jsonl.1"), path):
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            try:
+                r = from_json(json.loads(line))
+            except ValueError:
+                continue
+            if r is not None:
+                out.append(r)
+    return out
+
+
+def tail_history(stop: Callable[[], bool], path: Path | None = None) -> Iterator[Record]:
+    """New records as the listener appends them (follows rotation)."""
+    path = path or history_path()
+    pos = path.stat().st_size if path.exists() else 0
+    while not stop():
+        size = path.stat().st_size if path.exists() else 0
+        if size < pos:  # rotated
+            pos = 0
+        if size > pos:
+            with path.open() as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+            complete = chunk[:chunk.rfind("\n") + 1]
+            pos += len(complete.encode())
+            for line in complete.splitlines():
+                try:
+                    r = from_json(json.loads(line))
+                except ValueError:
+                    continue
+                if r is not None:
+                    yield r
+        else:
+            time.sleep(0.2)
+
+
+# --- the listener ----------------------------------------------------------------------------
+
+def listen(emit: Callable[[Record], None], stop: Callable[[], bool],
+           history: History | None = None,
+           on_attempt: Callable[[Attempt], None] | None = None) -> None:
+    """Read refusals from the kernel until stop(): each attempt or window summary goes to
+    emit() and the history. Raises nflog.GroupBusy if another process reads them already."""
+    from .nflog import Subscriber
+
+    history = history or History()
+    describer = Describer.live()
+    stamp = nft.live_stamp()
+    refreshed = time.monotonic()
+    window = Summariser()
+    with Subscriber(nft.LOG_GROUP) as sub:
+        while not stop():
+            packets = sub.read(timeout=0.5)
+            if packets and time.monotonic() - refreshed > 2:
+                # the table or the containers may have changed: re-read when the stamp did,
+                # or when a refusal names a counter we do not know
+                refreshed = time.monotonic()
+                now_stamp = nft.live_stamp()
+                prefixes = {p.prefix.removeprefix(nft.LOG_PREFIX) for p in packets}
+                if now_stamp != stamp or not all(describer.knows(c) for c in prefixes):
+                    describer, stamp = Describer.live(), now_stamp
+            for p in packets:
+                if not p.prefix.startswith(nft.LOG_PREFIX):
+                    continue
+                a = describer.describe(p)
+                if on_attempt is not None:
+                    on_attempt(a)
+                if window.offer(a):
+                    emit(a)
+                    history.append(a)
+            summary = window.tick()
+            if summary is not None:
+                emit(summary)
+                history.append(summary)
