@@ -241,6 +241,9 @@ def log_cmd(follow: bool, as_json: bool) -> None:
     if not follow:
         for r in refusals.read_history():
             show(r)
+        if not refusals.recorded():
+            err.print("[yellow]note:[/] nothing records refused attempts now: run `dockfence "
+                      "watch` (or `dockfence log --follow`)", markup=True)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

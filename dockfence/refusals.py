@@ -68,10 +68,14 @@ class Describer:
     def __init__(self, rules: Ruleset | None, inv: Inventory | None) -> None:
         self.names: dict[str, tuple[str, str]] = {}  # counter -> (asked, refused by)
         self.containers: dict[str, str] = {}  # address -> container name
+        self.unknown_by = self.host_by = ""
         if inv is not None:
             self.containers = {a: c.name for c in inv.containers for a in c.addresses}
         if rules is None:
             return
+        self.unknown_by = f"{nft.TAG_UNKNOWN} | {rules.unknown_origin}"
+        if rules.host is not None:
+            self.host_by = f"{nft.TAG_HOST} | {rules.host.origin}"
         for g in rules.container_gates:
             stem = nft.gate_name(f"{g.proto}_ports", str(g.ports))
             self.names[f"{stem}_refused"] = (f"{g.label} (host port {g.ports})", g.origin)
@@ -83,8 +87,6 @@ class Describer:
             stem = nft.gate_name(f"direct_{fam}_{d.proto}", f"{d.address} . {d.port}")
             self.names[f"{stem}_refused"] = (f"{d.label} on {d.address} (direct routing)",
                                              d.origin)
-        self.unknown_origin = rules.unknown_origin
-        self.host_origin = rules.host.origin if rules.host else ""
 
     @staticmethod
     def live() -> Describer:
@@ -113,13 +115,13 @@ class Describer:
             asked, by = self.names[counter]
         elif counter == nft.COUNTER_UNKNOWN:  # after DNAT: the container's own address
             asked = f"{who or p.dst} {port} (published after the last apply)"
-            by = f"containers.default | {getattr(self, 'unknown_origin', '')}".rstrip(" |")
+            by = self.unknown_by or nft.TAG_UNKNOWN
         elif counter == nft.COUNTER_HOST:
             asked = f"host port {port}"
-            by = f"host.default | {getattr(self, 'host_origin', '')}".rstrip(" |")
+            by = self.host_by or nft.TAG_HOST
         elif counter == nft.COUNTER_DIRECT:
             asked = f"{who or 'container'} {port} on {p.dst} (direct routing)"
-            by = "direct routing: no published port or policy rule allows it"
+            by = f"{nft.TAG_DIRECT}: no published port or policy rule allows it"
         else:
             asked, by = f"{p.dst} {port}", counter or "unknown rule"
         return Attempt(p.time, p.src, p.sport, p.proto, asked, by)
@@ -236,6 +238,17 @@ def tail_history(stop: Callable[[], bool], path: Path | None = None) -> Iterator
 
 
 # --- the listener ----------------------------------------------------------------------------
+
+def recorded() -> bool:
+    """Whether someone (watch, log --follow) reads the refusals now: the group is taken."""
+    from .nflog import GroupBusy, Subscriber
+
+    try:
+        Subscriber(nft.LOG_GROUP).close()
+    except GroupBusy:
+        return True
+    return False
+
 
 def listen(emit: Callable[[Record], None], stop: Callable[[], bool],
            history: History | None = None,
