@@ -212,7 +212,7 @@ def _report_refusals(report: Callable[[str], None], stop: threading.Event) -> No
     from .nflog import GroupBusy
 
     try:
-        refusals.listen(lambda r: report(r.line()), stop.is_set)
+        refusals.listen(lambda r: report(r.line(stamped=False)), stop.is_set)
     except GroupBusy:
         report("refused attempts: another process reads them (`dockfence log --follow`?); "
                "not reported here")

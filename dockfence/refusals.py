@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ from .nflog import Packet
 WINDOW = 10.0  # seconds per summary window
 LINES_PER_WINDOW = 20  # attempts printed one by one per window; the rest are summarised
 SOURCES_CAP = 10_000
+RECENT_CAP = 4096  # attempts remembered to recognise retries
 HISTORY_BYTES = 1 << 20  # per history file; one older file is kept
+
+
+def _stamp(when: float, stamped: bool) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S ", time.localtime(when)) if stamped else ""
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,11 @@ class Attempt:
     asked: str  # "django 8080/tcp (host port 8081)", "host port 22/tcp", ...
     refused_by: str  # the policy line (or default) that refused it
 
-    def line(self) -> str:
+    def line(self, stamped: bool = True) -> str:
         src = f"[{self.source}]" if ":" in self.source else self.source
         port = f":{self.sport}" if self.sport is not None else ""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.time))
-        return f"{stamp} refused {src}{port} -> {self.asked}  ({self.refused_by})"
+        return (_stamp(self.time, stamped)
+                + f"refused {src}{port} -> {self.asked}  ({self.refused_by})")
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,11 @@ class Summary:
     sources: int  # distinct sources among them (capped at SOURCES_CAP)
     seconds: float
 
-    def line(self) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.time))
+    def line(self, stamped: bool = True) -> str:
         cap = "at least " if self.sources >= SOURCES_CAP else ""
-        return (f"{stamp} refused: and {self.more:,} more from {cap}{self.sources:,} "
-                f"source(s) in the last {self.seconds:.0f} s (the kernel reports at most "
-                f"{nft.LOG_RATE.split()[0]}; `dockfence status` counts them all)")
+        return (_stamp(self.time, stamped) + f"refused: and {self.more:,} more from "
+                f"{cap}{self.sources:,} source(s) in the last {self.seconds:.0f} s (the kernel "
+                f"reports at most {nft.LOG_RATE.split()[0]}; `dockfence status` counts them all)")
 
 
 Record = Attempt | Summary
@@ -136,9 +141,18 @@ class Summariser:
         self.shown = 0
         self.more = 0
         self.sources: set[str] = set()
+        # attempts already reported: a client's retransmitted SYNs are the same attempt
+        self.recent: OrderedDict[tuple[str, int | None, str, str], float] = OrderedDict()
 
     def offer(self, a: Attempt) -> bool:
         """True if the attempt should be printed on its own."""
+        key = (a.source, a.sport, a.proto, a.asked)
+        seen = self.recent.pop(key, None)
+        self.recent[key] = a.time
+        if len(self.recent) > RECENT_CAP:
+            self.recent.popitem(last=False)
+        if seen is not None and a.time - seen < WINDOW:
+            return False  # a retry of an attempt already reported (the counters count it)
         if self.shown < LINES_PER_WINDOW:
             self.shown += 1
             return True
@@ -258,21 +272,23 @@ def listen(emit: Callable[[Record], None], stop: Callable[[], bool],
     from .nflog import Subscriber
 
     history = history or History()
+    generation = nft.live_generation()
     describer = Describer.live()
-    stamp = nft.live_stamp()
-    refreshed = time.monotonic()
+    checked = built = time.monotonic()
     window = Summariser()
     with Subscriber(nft.LOG_GROUP) as sub:
         while not stop():
             packets = sub.read(timeout=0.5)
-            if packets and time.monotonic() - refreshed > 2:
-                # the table or the containers may have changed: re-read when the stamp did,
-                # or when a refusal names a counter we do not know
-                refreshed = time.monotonic()
-                now_stamp = nft.live_stamp()
-                prefixes = {p.prefix.removeprefix(nft.LOG_PREFIX) for p in packets}
-                if now_stamp != stamp or not all(describer.knows(c) for c in prefixes):
-                    describer, stamp = Describer.live(), now_stamp
+            unknown = any(not describer.knows(p.prefix.removeprefix(nft.LOG_PREFIX))
+                          for p in packets)
+            now = time.monotonic()
+            if packets and (now - checked > 5 or (unknown and now - checked > 0.5)):
+                # Re-read the rules only when an apply replaced the table (or, for containers
+                # that moved, once a minute), however many refusals arrive.
+                checked = now
+                current = nft.live_generation()
+                if current != generation or now - built > 60:
+                    generation, describer, built = current, Describer.live(), now
             for p in packets:
                 if not p.prefix.startswith(nft.LOG_PREFIX):
                     continue

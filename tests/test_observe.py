@@ -133,6 +133,10 @@ def observed(lab: Lab) -> Iterator[Observed]:
         out.close()
         lab.docker("rm", "-f", "web", check=False)
         dockfence(lab, "remove")
+        # the history watch kept for this namespace (see refusals.history_path)
+        netns = os.stat(NETNS_DIR / lab.host_ns).st_ino
+        for suffix in ("", ".1"):
+            Path(f"/run/dockfence/refused.{netns}.jsonl{suffix}").unlink(missing_ok=True)
 
 
 def test_status_counts_allowed_and_refused_per_port(observed: Observed) -> None:

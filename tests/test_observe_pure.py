@@ -127,3 +127,14 @@ def test_metrics_address_must_be_explicit(text: str) -> None:
 def test_metrics_address() -> None:
     assert parse_address("[::1]:9464") == ("::1", 9464)
     assert parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+
+
+def test_retransmissions_are_one_attempt() -> None:
+    s = refusals.Summariser(now=0.0)
+    a = refusals.Attempt(0.0, "203.0.113.9", 40000, "tcp", "web 80/tcp", "p.yaml:3")
+    retry = refusals.Attempt(1.0, "203.0.113.9", 40000, "tcp", "web 80/tcp", "p.yaml:3")
+    other = refusals.Attempt(1.0, "203.0.113.9", 40001, "tcp", "web 80/tcp", "p.yaml:3")
+    assert [s.offer(a), s.offer(retry), s.offer(other)] == [True, False, True]
+    for i in range(refusals.RECENT_CAP * 2):  # memory stays bounded
+        s.offer(refusals.Attempt(2.0, "198.51.100.1", i, "tcp", "x", "y"))
+    assert len(s.recent) == refusals.RECENT_CAP

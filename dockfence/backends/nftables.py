@@ -301,6 +301,16 @@ def live_counters() -> dict[str, int] | None:
             for o in json.loads(proc.stdout).get("nftables", []) if "counter" in o}
 
 
+def live_generation() -> int | None:
+    """Changes whenever the table is replaced (apply recreates it: a new kernel handle), so
+    readers of the rules know when to read them again; None when dockfence is not applied."""
+    proc = run(["nft", "-j", "list", "tables", FAMILY], check=False)
+    if proc.returncode != 0:
+        return None
+    return next((int(o["table"]["handle"]) for o in json.loads(proc.stdout).get("nftables", [])
+                 if o.get("table", {}).get("name") == TABLE), None)
+
+
 def live_text() -> str | None:
     proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
     return proc.stdout if proc.returncode == 0 else None
