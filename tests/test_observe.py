@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -183,6 +184,32 @@ def test_refused_attempts_in_watch_output_and_log(observed: Observed) -> None:
     assert mine and mine[-1]["asked"] == "web 8080/tcp (host port 8081)"
     assert mine[-1]["refused_by"].startswith(str(observed.policy))
     assert "web 8080/tcp" in dockfence(lab, "log").stdout
+
+
+def test_log_follow_while_watch_reads_the_kernel(observed: Observed) -> None:
+    """Only one reader per NFLOG group: with watch running, --follow follows its history."""
+    lab = observed.lab
+    follow = subprocess.Popen(
+        ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence",
+         "log", "--follow", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert observed.baseline["web stranger"]
+
+        # --follow prints only what comes after it started: keep trying until it shows one
+        def shown() -> dict[str, Any] | None:
+            assert not stranger(lab)
+            assert follow.stdout is not None
+            if select.select([follow.stdout], [], [], 2)[0]:
+                return dict(json.loads(follow.stdout.readline()))
+            return None
+        record = wait_for(shown, timeout=30)
+        assert record and record["source"] == CLIENT_V4_ALT, record
+        assert record["asked"] == "web 8080/tcp (host port 8081)"
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
 
 
 def test_metrics_answer_only_on_their_address(observed: Observed) -> None:
