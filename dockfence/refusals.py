@@ -13,10 +13,10 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import discovery
+from . import counters, discovery
 from .backends import nftables as nft
 from .errors import DockfenceError
 from .model import Inventory, Ruleset
@@ -55,12 +55,15 @@ class Summary:
     more: int  # attempts seen but not printed one by one
     sources: int  # distinct sources among them (capped at SOURCES_CAP)
     seconds: float
+    counted: int | None = None  # what the kernel's counters refused in the window (all of it)
 
     def line(self, stamped: bool = True) -> str:
         cap = "at least " if self.sources >= SOURCES_CAP else ""
+        total = (f"; the kernel refused {self.counted:,} packets in all" if self.counted
+                 else "")
         return (_stamp(self.time, stamped) + f"refused: and {self.more:,} more from "
-                f"{cap}{self.sources:,} source(s) in the last {self.seconds:.0f} s (the kernel "
-                f"reports at most {nft.LOG_RATE.split()[0]}; `dockfence status` counts them all)")
+                f"{cap}{self.sources:,} source(s) in the last {self.seconds:.0f} s (reported "
+                f"at most {nft.LOG_RATE.split()[0]}{total})")
 
 
 Record = Attempt | Summary
@@ -74,6 +77,7 @@ class Describer:
         self.names: dict[str, tuple[str, str]] = {}  # counter -> (asked, refused by)
         self.containers: dict[str, str] = {}  # address -> container name
         self.unknown_by = self.host_by = ""
+        self.rules = rules
         if inv is not None:
             self.containers = {a: c.name for c in inv.containers for a in c.addresses}
         if rules is None:
@@ -253,6 +257,16 @@ def tail_history(stop: Callable[[], bool], path: Path | None = None) -> Iterator
 
 # --- the listener ----------------------------------------------------------------------------
 
+def _refused_total(rules: Ruleset | None) -> int | None:
+    """Every new connection the kernel refused since the last apply (one small listing)."""
+    counts = nft.live_counters()
+    if counts is None or rules is None:
+        return None
+    return (sum(v for k, v in counts.items() if k.endswith("_refused"))
+            + sum(c.refused for name, c in counters.defaults(counts, rules).items()
+                  if name != "revoked"))
+
+
 def recorded() -> bool:
     """Whether someone (watch, log --follow) reads the refusals now: the group is taken."""
     from .nflog import GroupBusy, Subscriber
@@ -274,6 +288,7 @@ def listen(emit: Callable[[Record], None], stop: Callable[[], bool],
     history = history or History()
     generation = nft.live_generation()
     describer = Describer.live()
+    refused_before, counted_in = _refused_total(describer.rules), generation
     checked = built = time.monotonic()
     window = Summariser()
     with Subscriber(nft.LOG_GROUP) as sub:
@@ -298,7 +313,20 @@ def listen(emit: Callable[[Record], None], stop: Callable[[], bool],
                 if window.offer(a):
                     emit(a)
                     history.append(a)
+            start = window.start
             summary = window.tick()
+            if window.start == start:
+                continue
+            # A new window. Beyond the kernel's log limit only the counters saw the flood: the
+            # window's count is what they gained (all they hold if an apply replaced the table).
+            current = nft.live_generation()
+            if current != generation:
+                generation, describer, built = current, Describer.live(), time.monotonic()
+            total = _refused_total(describer.rules)
             if summary is not None:
+                if total is not None:
+                    base = refused_before if counted_in == current and refused_before else 0
+                    summary = replace(summary, counted=total - base if total >= base else total)
                 emit(summary)
                 history.append(summary)
+            refused_before, counted_in = total, current

@@ -374,6 +374,9 @@ def test_flood_is_summarised_bounded_and_spares_allowed_traffic(observed: Observ
                                      if "more from" in ln and "source(s)" in ln), None),
                        timeout=30)
     assert summary, observed.output()[-3000:]
+    print(summary)
+    counted = int(summary.split("the kernel refused ")[1].split()[0].replace(",", ""))
+    assert counted >= sent * 0.5, summary  # the kernel's count, beyond what it reported
     printed = sum("refused [2001:db8:9:" in ln for ln in observed.output().splitlines())
     assert printed < 200, printed
     growth = _rss_kib(observed.watch.pid) - rss_before
