@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import counters, discovery
 from .backends import nftables as nft
-from .errors import DockfenceError
+from .errors import DockfenceError, OperationalError
 from .model import Inventory, Ruleset
 from .nflog import Packet
 
@@ -275,6 +275,8 @@ def recorded() -> bool:
         Subscriber(nft.LOG_GROUP).close()
     except GroupBusy:
         return True
+    except (OperationalError, OSError):
+        return True  # cannot tell (not root): do not claim nobody does
     return False
 
 
