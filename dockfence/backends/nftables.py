@@ -10,6 +10,10 @@ Paths covered:
   new connections to a container that were not DNATed (direct routing) are dropped;
 - input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
 - input: the host's own ports, when the policy has a `host:` section.
+
+Every port gate is a chain of its own with named counters (`<gate>_allowed`, `<gate>_refused`),
+and every drop point goes through refuse(): counted, reported through NFLOG under one kernel rate
+limit, dropped. `status` and the metrics read the counters with one small listing.
 """
 
 from __future__ import annotations
