@@ -166,20 +166,93 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
 @policy_option
 @click.option("--interval", type=click.FloatRange(0.2, 60), default=2.0, show_default=True,
               help="Seconds between checks of Docker's events and the policy file.")
+@click.option("--metrics", "metrics_at", metavar="ADDRESS:PORT",
+              help="Serve Prometheus metrics on this address only (e.g. 127.0.0.1:9464).")
 @_errors
-def watch(policy_path: str, interval: float) -> None:
+def watch(policy_path: str, interval: float, metrics_at: str | None) -> None:
     """Keep the rules right while containers and networks come and go: apply now, then again on
-    every relevant Docker event or policy edit. Stop with Ctrl-C (the rules stay)."""
+    every relevant Docker event or policy edit; print every refused attempt (floods
+    summarised). Stop with Ctrl-C (the rules stay)."""
     policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
+    metrics = None
+    if metrics_at:
+        from .metrics import Metrics, parse_address
+
+        address, port = parse_address(metrics_at)
+        metrics = Metrics()
+        try:
+            metrics.serve(address, port)
+        except OSError as exc:
+            raise UsageError(f"--metrics {metrics_at}: {exc.strerror or exc}") from None
+
+    lock = threading.Lock()
 
     def report(line: str) -> None:
-        out.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
+        with lock:
+            out.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        engine.watch(policy_path, report, interval=interval, stop=stop)
+    listener = threading.Thread(target=_report_refusals, args=(report, stop), daemon=True)
+    listener.start()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            engine.watch(policy_path, report, interval=interval, stop=stop, metrics=metrics)
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+        if metrics is not None:
+            metrics.close()
     report("stopped; the rules stay in place")
+
+
+def _report_refusals(report: Callable[[str], None], stop: threading.Event) -> None:
+    """watch's second thread: every refused attempt as a line of its output (journald)."""
+    from . import refusals
+    from .nflog import GroupBusy
+
+    try:
+        refusals.listen(lambda r: report(r.line(stamped=False)), stop.is_set)
+    except GroupBusy:
+        report("refused attempts: another process reads them (`dockfence log --follow`?); "
+               "not reported here")
+    except (DockfenceError, OSError) as exc:
+        report(f"refused attempts cannot be read: {exc}")
+
+
+@main.command("log")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing refused attempts as they "
+              "happen.")
+@json_option
+@_errors
+def log_cmd(follow: bool, as_json: bool) -> None:
+    """Refused attempts: when, from where, what was asked for, and the policy line that said no.
+    Recorded while `dockfence watch` (or `dockfence log --follow`) runs; floods are summarised.
+    """
+    from . import refusals
+    from .nflog import GroupBusy
+
+    def show(r: refusals.Record) -> None:
+        if as_json:
+            click.echo(json.dumps(refusals.as_json(r)))
+        else:
+            click.echo(r.line())
+
+    if not follow:
+        for r in refusals.read_history():
+            show(r)
+        if not refusals.recorded():
+            err.print("[yellow]note:[/] nothing records refused attempts now: run `dockfence "
+                      "watch` (or `dockfence log --follow`)", markup=True)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            refusals.listen(show, stop.is_set)  # no watch running: read the kernel ourselves
+        except GroupBusy:
+            for r in refusals.tail_history(stop.is_set):  # watch reads them: follow its history
+                show(r)
 
 
 @main.command()
@@ -191,8 +264,12 @@ def status(as_json: bool) -> None:
     if as_json:
         _emit_json({"installed": st.installed, "firewall_backend": st.firewall_backend,
                     "ports": [asdict(p) for p in st.ports],
-                    "host": {"rules": [dict(zip(("port", "who", "decided_by"), r, strict=True))
-                                       for r in st.host_rules], "others": st.host_default},
+                    "host": {"rules": [{**dict(zip(("port", "who", "decided_by"), r, strict=True)),
+                                        **asdict(n)}
+                                       for r, n in zip(st.host_rules, st.host_counts,
+                                                       strict=True)],
+                             "others": st.host_default},
+                    "defaults": {k: asdict(v) for k, v in st.defaults.items()},
                     "warnings": st.warnings})
         return
     if not st.installed:
@@ -203,21 +280,37 @@ def status(as_json: bool) -> None:
     for col in ("container", "host address:port", "container port", "who may connect",
                 "decided by"):
         table.add_column(col)
+    for col in ("allowed", "refused"):  # new connections since the last apply
+        table.add_column(col, justify="right")
     for p in st.ports:
         who = f"[yellow]{escape(p.who)}[/]" if p.warning else escape(p.who)
-        table.add_row(p.container, escape(p.host), p.container_port, who, escape(p.decided_by))
+        table.add_row(p.container, escape(p.host), p.container_port, who, escape(p.decided_by),
+                      _count(p.allowed), _count(p.refused))
     out.print(table)
     if st.host_default is not None:
         host = Table(title="Host ports", title_justify="left")
         for col in ("port", "who may connect", "decided by"):
             host.add_column(col)
-        for row in st.host_rules:
-            host.add_row(*(escape(cell) for cell in row))
-        host.add_row("any other", st.host_default, "host.default")
+        for col in ("allowed", "refused"):
+            host.add_column(col, justify="right")
+        for row, n in zip(st.host_rules, st.host_counts, strict=True):
+            host.add_row(*(escape(cell) for cell in row), _count(n.allowed), _count(n.refused))
+        d = st.defaults.get("host.default")
+        host.add_row("any other", st.host_default, "host.default",
+                     _count(d and d.allowed), _count(d and d.refused))
         out.print(host)
     elif st.installed:
         out.print("Host ports: not managed (the policy has no `host:` section).")
+    if st.defaults:
+        out.print("Since the last apply: " + "; ".join(
+            f"{name} {n.allowed:,} allowed, {n.refused:,} refused" if name.endswith("default")
+            else f"{name} {n.refused:,} " + ("dropped" if name == "revoked" else "refused")
+            for name, n in st.defaults.items() if name != "host.default"), markup=False)
     _warn(st.warnings)
+
+
+def _count(n: int | None) -> str:
+    return "" if n is None else f"{n:,}"
 
 
 @main.command("explain")

@@ -10,9 +10,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from . import bans, discovery, policy, statedir
+from . import bans, counters, discovery, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
@@ -20,6 +21,9 @@ from .explain import explain
 from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
 from .plan import Change, diff
 from .run import run
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 
 class LockoutError(UsageError):
@@ -347,6 +351,8 @@ class PortStatus:
     decided_by: str
     warning: str | None = None
     sources: list[str] | None = None  # every network that may, ["any"], or None: unfiltered
+    allowed: int | None = None  # new connections let in since the last apply (None: no gate)
+    refused: int | None = None
 
 
 def _networks(sources: Sources) -> list[str]:
@@ -361,6 +367,8 @@ class Status:
     host_default: str | None
     warnings: list[str]
     firewall_backend: str
+    host_counts: list[counters.Count] = field(default_factory=list)  # one per host_rules row
+    defaults: dict[str, counters.Count] = field(default_factory=dict)  # see counters.defaults
 
 
 LOOPBACK_ONLY = "this host only (loopback)"
@@ -382,7 +390,8 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
                       "127.0.0.1 to this port (moby#45610): run `dockfence apply`")
 
 
-def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory) -> PortStatus:
+def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
+                 counts: dict[str, int] | None = None) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -398,7 +407,8 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory)
             return PortStatus(**row, who="nobody (direct routing dropped)",
                               decided_by="no allowance in the live rules", sources=[])
         return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
-                          sources=_networks(mine[0].sources))
+                          sources=_networks(mine[0].sources),
+                          **asdict(counters.direct_gate(counts or {}, mine[0])))
     gate = find_gate(live.container_gates, b.proto, b.host_port)
     if gate is None:
         fallback = Sources.for_verdict(live.unknown_published)
@@ -408,7 +418,8 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory)
     default = "containers.default" in gate.origin
     return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
                       warning="no policy rule names this port; the default decides"
-                      if default else None, sources=_networks(gate.sources))
+                      if default else None, sources=_networks(gate.sources),
+                      **asdict(counters.container_gate(counts or {}, gate)))
 
 
 def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
@@ -425,7 +436,8 @@ def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
     live = live_rules()
-    ports = [_port_status(c, b, live, inv) for c in inv.containers for b in c.bindings]
+    counts = (nft.live_counters() or {}) if live else {}
+    ports = [_port_status(c, b, live, inv, counts) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     record = statedir.applied_record() if live is None else None
     if record:
@@ -447,11 +459,14 @@ def status() -> Status:
     if live and live.host:
         host_default = str(Sources.for_verdict(live.host.default))
     return Status(live is not None, ports, host_rules, host_default, warnings,
-                  inv.firewall_backend)
+                  inv.firewall_backend,
+                  [counters.host_gate(counts, g) for g in (live.host.gates if live and live.host
+                                                           else ())],
+                  counters.defaults(counts, live) if live else {})
 
 
 def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, metrics: Metrics | None = None) -> None:
     """Apply now, then again whenever Docker's containers or networks change or the policy file
     is edited. Errors never remove rules: a bad policy edit keeps the last good rules until the
     file changes again; Docker or kernel errors are retried after a full resync."""
@@ -459,16 +474,23 @@ def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0
     last_mtime: int | None = None
     pending = "start"
     since = time.time()
+    noticed = time.monotonic()  # when `pending` was first set: event-to-enforced latency
     while not stop.is_set():
         try:
             mtime = os.stat(policy_path).st_mtime_ns
         except OSError:
             mtime = None
         if mtime != last_mtime:
+            noticed = noticed if pending else time.monotonic()
             last_mtime, pending = mtime, pending or "policy file changed"
         if pending:
+            started = time.monotonic()
             try:
                 plan, cut = apply(policy_path)
+                if metrics is not None:
+                    metrics.applied(time.monotonic() - started, True, plan.desired,
+                                    plan.desired_canonical)
+                    metrics.event_enforced(time.monotonic() - noticed)
                 changed = sum(c.kind != "keep" for c in plan.changes)
                 report(f"{pending}: " + ("no changes" if plan.unchanged else
                                          f"applied {changed} change(s)" +
@@ -477,9 +499,13 @@ def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0
                     report(f"warning: {w}")
                 pending = ""
             except PolicyError as exc:
+                if metrics is not None:
+                    metrics.applied(time.monotonic() - started, False)
                 report(f"{pending}: policy rejected, keeping the current rules: {exc}")
                 pending = ""  # wait for the next edit rather than repeating the error
             except DockfenceError as exc:
+                if metrics is not None:
+                    metrics.applied(time.monotonic() - started, False)
                 report(f"{pending}: {exc}; retrying")
                 stop.wait(interval)
                 since = time.time()
@@ -495,4 +521,5 @@ def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0
             continue
         since = now + interval
         if events:
+            noticed = noticed if pending else time.monotonic()
             pending = ", ".join(events[:3]) + (" ..." if len(events) > 3 else "")

@@ -45,6 +45,11 @@ fi
 extra=""
 if [[ "${1:-}" == "--test" ]]; then
     extra="[test]"
+    # the real Prometheus server and promtool for test_observe (run inside lab namespaces only)
+    dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed" || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+        # the package may start a system service: dockfence's tests never use it
+    }
     scripts/fetch-docker28.sh /opt/dockfence/docker28 \
         || echo "bootstrap: WARNING: Docker 28.5 unavailable; its lab tests will be skipped" >&2
 fi

@@ -67,12 +67,16 @@ def test_element_commands_renew_the_timeout_in_one_transaction() -> None:
     assert carried.endswith("add element inet dockfence bans_v4 { 203.0.113.7 timeout 100s }\n")
 
 
-def test_every_allow_list_refuses_bans_first() -> None:
+def test_every_gate_that_admits_anyone_refuses_bans_first() -> None:
     from test_nftables import ruleset
 
     table = nft.render(ruleset("scenario"))
-    chains = table.split("\tchain ")[1:]
-    allow = [c for c in chains if c.startswith("allow_")]
-    assert allow and all(c.splitlines()[1].strip().startswith("ip saddr @bans_v4 counter drop")
-                         for c in allow)
-    assert " : accept" not in table  # `any` is a jump to allow_any, which refuses bans
+    chains = [c for c in table.split("\tchain ")[1:] if "_allowed accept" in c]
+    assert len(chains) >= 3  # office lists, and `any` (udp 5353)
+    for chain in chains:
+        body = [line.strip() for line in chain.splitlines()[1:]]
+        assert body[0].startswith("ip saddr @bans_v4 counter name"), chain
+        assert body[1] == 'ip saddr @bans_v4 drop comment "banned"', chain
+        assert body[3] == 'ip6 saddr @bans_v6 drop comment "banned"', chain
+    allow_default = nft.render(ruleset("interfaces_allow_default"))
+    assert 'ct status dnat ip saddr @bans_v4 drop comment "banned"' in allow_default

@@ -11,6 +11,12 @@ Paths covered:
 - input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
 - input: the host's own ports, when the policy has a `host:` section;
 - prerouting: packets from outside addressed to a loopback address, whatever the policy.
+
+Every port gate is a chain of its own with named counters (`<gate>_allowed`, `<gate>_refused`),
+and every drop point goes through refuse(): counted, reported through NFLOG under one kernel rate
+limit, dropped. `status` and the metrics read the counters with one small listing. Banned
+addresses (`dockfence ban`) are refused first in every gate that admits anyone, and by the
+`allow` defaults.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ TAG_UNKNOWN = "containers.default"
 TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
+TAG_BANNED = "banned"
 TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
@@ -51,7 +58,6 @@ STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockf
 # Banned addresses (dockfence ban): every allow-list refuses them, `any` included. Their
 # elements are not the policy's: canonical listings leave them out, and apply carries them over.
 BAN_SETS = {4: "bans_v4", 6: "bans_v6"}
-ALLOW_ANY = "allow_any"
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
 
@@ -69,22 +75,54 @@ def _ifnames(names: tuple[str, ...]) -> str:
     return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
 
+# Refused new connections are counted, and reported through NFLOG (a plain `log` is silent
+# outside the initial network namespace). One named limit shared by every refusal bounds what
+# reaches userspace whatever the flood; the counters still count every packet.
+LOG_GROUP = 0x6466  # "df"; NFLOG groups are per network namespace
+LOG_PREFIX = "dockfence "  # + the counter name of the refusing rule (see dockfence.refusals)
+LOG_LIMIT = "refusal_log"
+LOG_RATE = "1000/second burst 2000 packets"
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+# counters of the defaults (the gates' own are named after their chains, see gate_name)
+COUNTER_UNKNOWN, COUNTER_DIRECT = "containers_default", "direct_routing"
+COUNTER_HOST, COUNTER_REVOKED = "host_default", "revoked"
+
+
+def gate_name(map_name: str, key: str) -> str:
+    """The chain deciding one map element, and the stem of its counters: `tcp_ports_8080`,
+    `host_tcp_22`, `direct_v6_tcp_2001_db8__2_80`. Derived from what the key holds, so status
+    finds a port's counters without reading the chains."""
+    return f"{map_name}_{_NAME_UNSAFE.sub('_', key.replace(' . ', '_'))}"
+
+
+def refuse(counter: str, text: str, match: str = "") -> str:
+    """The refusal of one drop point: counted, reported (kernel rate-limited), dropped. Two
+    rules, because `limit` ends a rule once over budget and the drop must happen anyway."""
+    return (f"\t\t{match}counter name {counter} limit name {LOG_LIMIT} "
+            f'log prefix "{LOG_PREFIX}{counter}" group {LOG_GROUP}\n'
+            f"\t\t{match}drop comment {text}")
+
+
+def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
+    """A default's rule: counted under `counter`; refusals reported (see refuse). An `allow`
+    default still refuses banned sources."""
+    if verdict == "allow":
+        bans = "\n".join(refuse(counter, comment(TAG_BANNED), f"{match}{fam} saddr @{name} ")
+                         for fam, name in (("ip", BAN_SETS[4]), ("ip6", BAN_SETS[6])))
+        return f"{bans}\n\t\t{match}counter name {counter} accept comment {text}"
+    return refuse(counter, text, match)
+
+
 @dataclass
 class _Renderer:
     lines: list[str]
-    chains: dict[Sources, str]
+    sets: dict[Sources, list[tuple[str, str]]]
 
-    def allow_chain(self, sources: Sources) -> str:
-        """A verdict for one allow-list: drop, or a jump to a chain that refuses banned
-        addresses and then tests the list's sets (`any`: one shared chain)."""
-        if sources.any:
-            return f"jump {ALLOW_ANY}"
-        if sources.nobody:
-            return "drop"
-        if sources not in self.chains:
-            name = f"allow_{len(self.chains)}"
-            self.chains[sources] = name
-            body = []
+    def allow_sets(self, sources: Sources) -> list[tuple[str, str]]:
+        """(family match, set name) of an allow-list's address sets, emitted once per list."""
+        if sources not in self.sets:
+            name = f"allow_{len(self.sets)}"
+            self.sets[sources] = []
             for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
                 if nets:
                     sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
@@ -99,16 +137,30 @@ class _Renderer:
                         f"\t\telements = {{ {elements} }}",
                         "\t}",
                     ]
-                    body.append(f"\t\t{fam} saddr @{sname} accept")
-            self.lines += [f"\tchain {name} {{", *_BAN_RULES, *body, "\t\tcounter drop", "\t}"]
-        return f"jump {self.chains[sources]}"
+                    self.sets[sources].append((fam, sname))
+        return self.sets[sources]
+
+    def gate_chain(self, name: str, text: str, sources: Sources) -> str:
+        """One chain per gate, so each port counts its own allowed and refused connections."""
+        tests = [""] if sources.any else [] if sources.nobody else [
+            f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
+        self.lines += [f"\tcounter {name}_allowed {{", "\t}",
+                       f"\tcounter {name}_refused {{", "\t}",
+                       f"\tchain {name} {{",
+                       *(_banned(f"{name}_refused") if tests else []),
+                       *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
+                       *([] if sources.any else [refuse(f"{name}_refused", text)]),
+                       "\t}"]
+        return f"goto {name}"
 
     def verdict_map(self, name: str, key_type: str, interval: bool,
                     entries: list[tuple[str, str, Sources]]) -> None:
-        """A map from `key` to the verdict of its allow-list; entries: (key, comment, sources)."""
+        """A map from `key` to the chain deciding its allow-list; entries: (key, comment,
+        sources)."""
         # Elements first: they emit the chains and sets they jump to, which must come before.
-        elements = ", ".join(f"{key} comment {text} : {self.allow_chain(sources)}"
-                             for key, text, sources in entries)
+        elements = ", ".join(
+            f"{key} comment {text} : {self.gate_chain(gate_name(name, key), text, sources)}"
+            for key, text, sources in entries)
         self.lines += [f"\tmap {name} {{", f"\t\ttype {key_type} : verdict",
                        *(["\t\tflags interval"] if interval else [])]
         if elements:
@@ -128,12 +180,10 @@ class _Renderer:
 _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 
-def _verdict(v: Verdict) -> str:
-    return f"jump {ALLOW_ANY}" if v == "allow" else "drop"
-
-
-_BAN_RULES = [f"\t\t{fam} saddr @{BAN_SETS[v]} counter drop comment {comment('banned')}"
-              for fam, v in (("ip", 4), ("ip6", 6))]
+def _banned(counter: str) -> list[str]:
+    """Refuse banned sources (dockfence ban) under `counter`, before anything admits them."""
+    return [refuse(counter, comment(TAG_BANNED), f"{fam} saddr @{BAN_SETS[v]} ")
+            for fam, v in (("ip", 4), ("ip6", 6))]
 
 
 def _ban_sets() -> list[str]:
@@ -141,7 +191,7 @@ def _ban_sets() -> list[str]:
     for version, name in BAN_SETS.items():
         lines += [f"\tset {name} {{", f"\t\ttype ipv{version}_addr",
                   "\t\tflags interval,timeout", "\t}"]
-    return [*lines, f"\tchain {ALLOW_ANY} {{", *_BAN_RULES, "\t\taccept", "\t}"]
+    return lines
 
 
 def _stamp_set(stamp: Stamp | None) -> list[str]:
@@ -168,9 +218,12 @@ def _loopback_guard() -> list[str]:
 
 def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
-    r = _Renderer(lines=[], chains={})
+    r = _Renderer(lines=[], sets={})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
-                *_stamp_set(stamp), *_ban_sets()]
+                *_stamp_set(stamp), *_ban_sets(),
+                *(f"\tcounter {c} {{\n\t}}" for c in (COUNTER_UNKNOWN, COUNTER_DIRECT,
+                                                      COUNTER_HOST, COUNTER_REVOKED)),
+                f"\tlimit {LOG_LIMIT} {{", f"\t\trate {LOG_RATE}", "\t}"]
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -182,7 +235,8 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
                          [g for g in rs.direct if g.proto == proto
                           and g.address.version == version])
 
-    revoked = f"\t\tct mark {REVOKED_MARK:#x} counter drop comment {comment(TAG_REVOKED)}"
+    revoked = (f"\t\tct mark {REVOKED_MARK:#x} counter name {COUNTER_REVOKED} drop comment "
+               f"{comment(TAG_REVOKED)}")
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
     scope = []
     if rs.outside is not None:
@@ -206,11 +260,11 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     r.lines += [
         "\t}",
         "\tchain to_containers {",
-        f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
-        f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
+        decide(COUNTER_UNKNOWN, rs.unknown_published, comment(TAG_UNKNOWN, rs.unknown_origin),
+               "ct status dnat "),
         *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
           for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
-        f"\t\tcounter drop comment {comment(TAG_DIRECT)}",
+        refuse(COUNTER_DIRECT, comment(TAG_DIRECT)),
         "\t}",
         "\tchain input {",
         f"\t\ttype filter hook input priority {PRIORITY}; policy accept;",
@@ -228,8 +282,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
             "\t\tudp sport 547 udp dport 546 accept",
             "\t\ttcp dport vmap @host_tcp",
             "\t\tudp dport vmap @host_udp",
-            f"\t\tcounter {_verdict(rs.host.default)} comment "
-            f"{comment(TAG_HOST, rs.host.origin)}",
+            decide(COUNTER_HOST, rs.host.default, comment(TAG_HOST, rs.host.origin)),
         ]
     r.lines += [
         "\t}",
@@ -336,9 +389,32 @@ def live_json() -> dict[str, Any] | None:
     return json.loads(proc.stdout)
 
 
+def live_counters() -> dict[str, int] | None:
+    """Packets counted by each named counter of the live table (one small listing whatever the
+    lists hold), or None when dockfence is not applied."""
+    proc = run(["nft", "-j", "list", "counters", "table", FAMILY, TABLE], check=False)
+    if proc.returncode != 0:
+        return None
+    return {o["counter"]["name"]: int(o["counter"]["packets"])
+            for o in json.loads(proc.stdout).get("nftables", []) if "counter" in o}
+
+
+def live_generation() -> int | None:
+    """Changes whenever the table is replaced (apply recreates it: a new kernel handle), so
+    readers of the rules know when to read them again; None when dockfence is not applied."""
+    proc = run(["nft", "-j", "list", "tables", FAMILY], check=False)
+    if proc.returncode != 0:
+        return None
+    return next((int(o["table"]["handle"]) for o in json.loads(proc.stdout).get("nftables", [])
+                 if o.get("table", {}).get("name") == TABLE), None)
+
+
 def live_text() -> str | None:
     proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
     return proc.stdout if proc.returncode == 0 else None
+
+
+_COUNTS = ("packets", "bytes")
 
 
 def canonical(doc: dict[str, Any] | None) -> str | None:
@@ -350,9 +426,11 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
     bans = set(BAN_SETS.values())
     for obj in doc.get("nftables", []):
         # handles sit on the table, set, map, chain and rule objects themselves, never deeper;
-        # banned addresses come and go by themselves and are not the policy's
+        # named counters list their values even with -s: they are state, not rules; banned
+        # addresses come and go by themselves and are not the policy's
         items.append({kind: {k: v for k, v in body.items()
-                             if k != "handle" and not (k == "elem" and body.get("name") in bans)}
+                             if k != "handle" and not (kind == "counter" and k in _COUNTS)
+                             and not (k == "elem" and body.get("name") in bans)}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
@@ -424,16 +502,26 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             rules.setdefault(obj["rule"]["chain"], []).append(obj["rule"])
 
     def sources_of(verdict: dict[str, Any]) -> Sources:
-        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
-        if "accept" in verdict or target == ALLOW_ANY:
+        if "accept" in verdict:
             return Sources(any=True)
         if "drop" in verdict:
             return Sources()
-        v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
+        # a gate chain (see _Renderer.gate_chain): one accept per address set, or a bare one
+        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
+        accepts = [r["expr"] for r in rules.get(target, []) if any("accept" in e for e in
+                                                                    r["expr"])]
+        refs = [e["match"]["right"][1:] for expr in accepts for e in expr
+                if isinstance(e.get("match", {}).get("right"), str)
+                and e["match"]["right"].startswith("@")]
+        if accepts and not refs:
+            return Sources(any=True)
+        nets = [n for ref in sorted(refs, key=lambda r: r.endswith("_v6")) for n in sets[ref]]
         # What dockfence wrote was collapsed already and nft lists it in order: sorting is
         # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
-        names = set_names.get(f"{target}_v4") or set_names.get(f"{target}_v6") or ()
-        return Sources(networks=(*sorted(v4), *sorted(v6)), names=names)  # type: ignore[type-var]
+        names = next((set_names[r] for r in refs if r in set_names), ())
+        v4 = sorted(n for n in nets if n.version == 4)
+        v6 = sorted(n for n in nets if n.version == 6)
+        return Sources(networks=(*v4, *v6), names=names)  # type: ignore[type-var]
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
@@ -455,9 +543,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         for rule in rules.get(chain, []):
             label, origin = _split(rule.get("comment", ""))
             if label == tag:
-                verdict: Verdict = "allow" if any(
-                    "accept" in e or e.get("jump", {}).get("target") == ALLOW_ANY
-                    for e in rule["expr"]) else "deny"
+                verdict: Verdict = "allow" if any("accept" in e for e in rule["expr"]) else "deny"
                 return verdict, origin
         return None
 
