@@ -176,6 +176,10 @@ class Metrics:
                     seen.add(name)
                     entries.add_metric([name], len(g.sources.networks))
             yield entries
+            live_bans = nft.live_bans()
+            if live_bans is not None:
+                yield GaugeMetricFamily("dockfence_bans", "Addresses and networks banned now "
+                                        "(dockfence ban, fail2ban)", value=len(live_bans))
             sync = self._sync()
             if sync is not None:
                 yield GaugeMetricFamily("dockfence_table_in_sync",

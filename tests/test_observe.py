@@ -217,6 +217,7 @@ def test_metrics_answer_only_on_their_address(observed: Observed) -> None:
     got = lab.host_exec("curl", "-sf", f"http://{METRICS}/metrics").stdout
     assert "dockfence_refused_connections_total" in got
     assert "dockfence_table_in_sync 1.0" in got
+    assert "dockfence_bans 0.0" in got
     other = lab.host_exec("curl", "-sf", "-m", "2", f"http://{HOST_EXT0_V4}:9464/metrics",
                           check=False)
     assert other.returncode != 0  # curl: connection refused
