@@ -246,5 +246,5 @@ def _scalar(event: Any, line: int) -> object:
         try:
             return make(yaml.ScalarNode(tag, value))
         except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
-            raise YAMLError(line, "number too large", value[:40] + "...") from None
+            raise YAMLError(line, "number too large", value) from None
     return value

@@ -171,15 +171,20 @@ def read(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise PolicyError(path, None, f"cannot read policy: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
             raise PolicyError(path, None, f"cannot read policy: {kind}, not a file")
-        try:
-            data = f.read(MAX_POLICY_BYTES + 1)
-        except OSError as exc:
-            raise PolicyError(path, None, f"cannot read policy: {exc.strerror}") from None
+        chunks, size = [], 0
+        while size <= MAX_POLICY_BYTES and (chunk := os.read(fd, MAX_POLICY_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise PolicyError(path, None, f"cannot read policy: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(path, None, f"the policy is larger than {MAX_POLICY_BYTES:,} bytes; "
                           "keep long address lists in list files")
