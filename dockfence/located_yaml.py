@@ -61,9 +61,11 @@ class Located:
     data: Any
     lines: Lines
 
-    def line(self, loc: tuple[str | int, ...]) -> int | None:
-        """The line of the deepest node on the path `loc` that exists."""
-        node, line = self.lines, None
+    def line(self, loc: tuple[str | int, ...]) -> int:
+        """The line of the deepest node on the path `loc` that exists (a missing key: the line
+        of the mapping it is missing from)."""
+        node = self.lines
+        line = node.line
         for part in loc:
             if isinstance(part, int) and node.items is not None and 0 <= part < len(node.items):
                 node = node.items[part]
@@ -112,8 +114,9 @@ def load(source: str | bytes) -> Located:
         return _build(parser)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise YAMLError(mark.line + 1 if mark else None,
-                        f"not valid YAML: {exc.problem or exc.context}") from None
+        # libyaml may point one line past the end of a file that ends inside a quoted scalar
+        line = min(mark.line + 1, line_at(text, len(text))) if mark else None
+        raise YAMLError(line, f"not valid YAML: {exc.problem or exc.context}") from None
     except yaml.reader.ReaderError as exc:  # libyaml counts UTF-8 bytes
         at = len(text.encode()[: exc.position].decode(errors="ignore"))
         raise YAMLError(line_at(text, at), exc.reason) from None
