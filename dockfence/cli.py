@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import wraps
 from typing import Any
 
@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import engine, policy
-from .errors import DockfenceError
+from .errors import DockfenceError, UsageError
 from .explain import explain as explain_verdict
 from .explain import parse_port_arg
 from .plan import Change
@@ -196,7 +196,9 @@ def status(as_json: bool) -> None:
                     "warnings": st.warnings})
         return
     if not st.installed:
-        out.print("[yellow]dockfence is not applied on this host.[/]", markup=True)
+        missing = any("missing (flushed?)" in w for w in st.warnings)
+        out.print("[bold red]table inet dockfence is missing (flushed?).[/]" if missing else
+                  "[yellow]dockfence is not applied on this host.[/]", markup=True)
     table = Table(title="Published container ports", title_justify="left")
     for col in ("container", "host address:port", "container port", "who may connect",
                 "decided by"):
@@ -236,6 +238,12 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         raise click.BadParameter(str(exc)) from None
     pol, inv, rs = engine.desired_state(policy_path)
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
+    ban = engine.ban_of(src)
+    if ban is not None and ex.verdict is not None:
+        ex = replace(ex, verdict="deny", decided_by=f"dockfence ban {ban.network}",
+                     reason="banned (" + (f"{ban.reason}; " if ban.reason else "") +
+                     ("until unbanned" if ban.expires is None else "expires in "
+                      f"{ban.remaining(time.time())}s") + "): every allow-list refuses it")
     applied, in_force = engine.enforced(rs)
     if as_json:
         _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
@@ -254,6 +262,123 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         err.print("[yellow]note:[/] the live rules differ from this policy and the running "
                   "containers (see `dockfence plan`): this is what applying it would do",
                   markup=True)
+
+
+_LEVEL = {"ok": "[green]ok[/]      ", "warning": "[yellow]warning[/] ",
+          "failure": "[bold red]FAILURE[/] "}
+
+
+@main.command()
+@policy_option
+@json_option
+@_errors
+def doctor(policy_path: str, as_json: bool) -> None:
+    """Check whether dockfence holds on this host, line by line, with the fix for each problem.
+    Changes nothing. Exit 0 when nothing fails, 1 otherwise."""
+    from . import doctor as doc
+
+    checks = doc.evaluate(doc.gather(policy_path))
+    if as_json:
+        _emit_json(doc.as_json(checks))
+    else:
+        for c in checks:
+            out.print(f"{_LEVEL[c.level]}{escape(c.name)}: {escape(c.message)}", markup=True,
+                      soft_wrap=True)
+            if c.fix and c.level != "ok":
+                out.print(f"         fix: {escape(c.fix)}", markup=True, soft_wrap=True)
+        summary = doc.as_json(checks)
+        out.print(f"{summary['failures']} failure(s), {summary['warnings']} warning(s): "
+                  + ("dockfence holds on this host." if summary["ok"] else
+                     "dockfence does not hold on this host until the failures are fixed."),
+                  markup=False)
+    sys.exit(1 if doc.failed(checks) else 0)
+
+
+@main.command()
+@click.argument("address")
+@click.option("--for", "duration", default="forever", show_default=True, metavar="DURATION",
+              help="How long: 90, 90s, 10m, 1h, 2d, 1w, or forever (fail2ban's -1 too).")
+@click.option("--reason", default="", help="A note kept with the ban (shown by `bans`).")
+@click.option("--force", is_flag=True, help="Ban even the address of your own SSH session.")
+@_errors
+def ban(address: str, duration: str, reason: str, force: bool) -> None:
+    """Refuse ADDRESS (or a CIDR) on every published port and host port dockfence filters,
+    `from: any` included, and cut its established flows to containers. Survives re-apply,
+    watch and restore; expires by itself."""
+    from .bans import parse_duration
+
+    cut = engine.ban(address, parse_duration(duration), reason, force=force)
+    out.print(f"Banned {escape(address)}" + (f" for {escape(duration)}" if duration !=
+                                            "forever" else "") +
+              (f"; cut {cut} established flow(s)" if cut else "") + ".")
+
+
+@main.command()
+@click.argument("address")
+@_errors
+def unban(address: str) -> None:
+    """Lift a ban."""
+    if engine.unban(address):
+        out.print(f"Unbanned {escape(address)}.")
+    else:
+        out.print(f"{escape(address)} was not banned.")
+
+
+@main.command("bans")
+@json_option
+@_errors
+def bans_cmd(as_json: bool) -> None:
+    """The bans in force and how long each has left."""
+    rows = engine.current_bans()
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        out.print("No bans.")
+        return
+    table = Table(title="Bans", title_justify="left")
+    for col in ("address", "expires in", "reason", "enforced"):
+        table.add_column(col)
+    for r in rows:
+        left = r["expires_in"]
+        table.add_row(str(r["network"]), "never" if left is None else f"{left}s",
+                      escape(str(r["reason"])), "yes" if r["in_kernel"] else
+                      "no (dockfence not applied)")
+    out.print(table)
+
+
+@main.command()
+def schema() -> None:
+    """Print the policy's JSON Schema (for editors' YAML language servers)."""
+    doc = policy.json_schema()
+    click.echo(json.dumps(doc, indent=2))
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the policy to this new file (never overwritten) instead of stdout.")
+@_errors
+def init(output: str | None) -> None:
+    """Print a starting policy for the containers running now: every published port as a rule
+    with an empty allow-list to fill in, everything else denied."""
+    from .discovery import inventory
+    from .starter import starting_policy
+
+    if output is not None and os.path.lexists(output):  # say so before asking Docker
+        raise UsageError(f"{output} exists: dockfence init never overwrites a file")
+    text = starting_policy(inventory())
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "x", encoding="utf-8") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise UsageError(f"{output} exists: dockfence init never overwrites a file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+    err.print(f"wrote {escape(output)}; fill in each `from:`, then `dockfence plan "
+              f"--policy {escape(output)}`", markup=False)
 
 
 @main.command()

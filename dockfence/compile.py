@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .errors import OperationalError
+from .labels import label_rules
 from .model import (
     PROTOS,
     Binding,
@@ -76,6 +77,30 @@ def _rule_claims(policy: Policy, rule: ContainerRule, bindings: list[tuple[Conta
     elif not selected:
         warnings.append(f"{origin}: rule for {rule.describe()} selects no running container "
                         "(it takes effect once one is running and dockfence is applied again)")
+    return claims
+
+
+def _label_claims(policy: Policy, published: list[tuple[Container, Binding]],
+                  warnings: list[str]) -> list[_Claim]:
+    """Rules that containers carry as labels, as far as `containers.labels.may_allow` lets
+    them go; they add up with the policy's rules like any other rule."""
+    claims: list[_Claim] = []
+    seen: set[str] = set()
+    for c, _ in published:
+        if c.name in seen:
+            continue
+        seen.add(c.name)
+        rules, problems = label_rules(policy, c)
+        warnings.extend(problems)
+        for rule in rules:
+            selected = [b for cc, b in published if cc is c and b.proto == rule.port.proto
+                        and b.container_port in rule.port.ports]
+            if not selected:
+                warnings.append(f"{rule.origin}: the container does not publish "
+                                f"{rule.port}; the label grants nothing")
+            claims += [_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
+                              rule.sources, binding_label(c, b), rule.origin, True)
+                       for b in selected]
     return claims
 
 
@@ -176,6 +201,7 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
     claims: list[_Claim] = []
     for rule in policy.container_rules:
         claims.extend(_rule_claims(policy, rule, bindings, warnings))
+    claims.extend(_label_claims(policy, published, warnings))
     for c, b in published:
         claims.append(_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
                              Sources.for_verdict(policy.container_default), binding_label(c, b),

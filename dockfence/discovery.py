@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -81,7 +82,17 @@ def container_of(attrs: dict[str, Any],
                     direct.append(net[key])
     return Container(name=name, id=attrs.get("Id", ""), service=service,
                      bindings=bindings_of(settings.get("Ports")), addresses=tuple(addresses),
-                     routed_addresses=tuple(direct))
+                     routed_addresses=tuple(direct), labels=dockfence_labels(labels))
+
+
+def dockfence_labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The `dockfence.*` labels, bounded in number and size (one past each limit, so that
+    dockfence.labels can say a limit was passed), sorted so inventories compare equal."""
+    from .labels import MAX_LABELS, MAX_VALUE, PREFIX
+
+    found = sorted((k[:200], v[:MAX_VALUE + 1]) for k, v in labels.items()
+                   if isinstance(k, str) and isinstance(v, str) and k.startswith(PREFIX))
+    return tuple(found[:MAX_LABELS + 1])
 
 
 def bridge_name(net: dict[str, Any]) -> str | None:
@@ -89,6 +100,28 @@ def bridge_name(net: dict[str, Any]) -> str | None:
         return None
     name = (net.get("Options") or {}).get("com.docker.network.bridge.name")
     return name or f"br-{net['Id'][:12]}"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    version: str
+    firewall_backend: str | None  # None: the Engine does not report it (before 28.1)
+    ipv6_networks: tuple[str, ...]
+
+
+def daemon_facts() -> Daemon:
+    """What `dockfence doctor` needs to know about the daemon itself."""
+    client = _client()
+    try:
+        version = str(client.api.version().get("Version", "?"))
+        backend = client.api.info().get("FirewallBackend")
+        networks = client.api.networks()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise OperationalError(f"Docker API error: {exc}") from None
+    finally:
+        client.close()
+    return Daemon(version, backend.get("Driver") if isinstance(backend, dict) else None,
+                  tuple(sorted(n["Name"] for n in networks if n.get("EnableIPv6"))))
 
 
 def inventory() -> Inventory:
@@ -114,7 +147,8 @@ def inventory() -> Inventory:
     return Inventory(containers=tuple(sorted(containers, key=lambda c: c.name)),
                      bridges=tuple(bridges),
                      firewall_backend=info.get("FirewallBackend", {}).get("Driver", "iptables")
-                     if isinstance(info.get("FirewallBackend"), dict) else "iptables")
+                     if isinstance(info.get("FirewallBackend"), dict) else "iptables",
+                     docker_version=str(info.get("ServerVersion") or ""))
 
 
 # Changes that can alter the inventory: containers starting or going, networks (bridges) and

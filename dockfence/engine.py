@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import discovery, policy
+from . import bans, discovery, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
@@ -27,15 +27,23 @@ class LockoutError(UsageError):
 
 
 @contextmanager
-def host_lock() -> Iterator[None]:
-    """One dockfence at a time per network namespace (tests run several namespaces at once)."""
+def host_lock(wait: float = 0) -> Iterator[None]:
+    """One dockfence at a time per network namespace (tests run several namespaces at once).
+    `wait`: seconds to wait for the other one (bans from fail2ban should not fail on a
+    concurrent apply)."""
     netns = os.stat("/proc/self/ns/net").st_ino
     os.makedirs("/run/dockfence", exist_ok=True)
+    deadline = time.monotonic() + wait
     with open(f"/run/dockfence/lock.{netns}", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OperationalError("another dockfence is changing this host; try again") from None
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OperationalError("another dockfence is changing this host; "
+                                           "try again") from None
+                time.sleep(0.05)
         yield
 
 
@@ -104,7 +112,8 @@ def apply(policy_path: str, force: bool = False,
         if plan.unchanged:
             return plan, 0
         previous = nft.live_text()
-        nft.apply_text(nft.transaction(plan.table))
+        # bans are not the policy's: the rebuilt table carries them over from their record
+        nft.apply_text(nft.transaction(plan.table) + bans.elements(bans.load(), time.time()))
         if nft.canonical(nft.live_json()) != plan.desired_canonical:
             _restore(previous)
             raise OperationalError("the kernel does not show the rules just applied; the "
@@ -120,6 +129,89 @@ def _restore(previous: str | None) -> None:
         nft.apply_text(nft.removal())
     else:
         nft.apply_text(nft.removal() + previous)
+
+
+def ban(target: str, seconds: int | None, reason: str = "", force: bool = False) -> int:
+    """Ban an address or network: recorded (it survives re-apply and restore), then added to
+    the live table, then its established flows to containers are cut. Returns how many."""
+    net = bans.parse_target(target)
+    client = (os.environ.get("SSH_CONNECTION") or "").split()[:1]
+    if client and not force:
+        try:
+            if ipaddress.ip_address(client[0]) in net:
+                raise LockoutError(f"{net} holds the address of your own SSH session "
+                                   f"({client[0]}); pass --force if that is what you want")
+        except ValueError:
+            pass
+    entry = bans.Ban(show_network(net), None if seconds is None else time.time() + seconds,
+                     reason)
+    with host_lock(wait=30):
+        bans.save(bans.with_ban(bans.load(), entry))
+        if nft.live_stamp_present():
+            nft.apply_text(nft.ban_element_commands(net, seconds))
+            return _cut_banned(net)
+    return 0
+
+
+def unban(target: str) -> bool:
+    """Lift a ban (recorded and live). False when it was not banned."""
+    net = bans.parse_target(target)
+    with host_lock(wait=30):
+        current = bans.load()
+        kept = bans.without(current, show_network(net))
+        live = nft.live_bans() or {}
+        if len(kept) == len(current) and show_network(net) not in live:
+            return False
+        bans.save(kept)
+        if show_network(net) in live:
+            nft.apply_text(nft.unban_commands(net))
+        return True
+
+
+def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban | None:
+    """The recorded ban that covers this address, if any."""
+    for b in bans.load():
+        if address in ipaddress.ip_network(b.network):
+            return b
+    return None
+
+
+def current_bans() -> list[dict[str, object]]:
+    """Bans in force: the record, with what the kernel says is left of each."""
+    live = nft.live_bans()
+    now = time.time()
+    out: list[dict[str, object]] = []
+    for b in bans.load():
+        out.append({"network": b.network, "reason": b.reason,
+                    "expires_in": b.remaining(now),
+                    "in_kernel": live is not None and b.network in live})
+    return out
+
+
+def _cut_banned(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    """Mark the banned source's established flows into containers (NATed, proxied or routed)
+    so the table drops them both ways; flows to the host's own ports are left alone."""
+    ports = nft.gated_ports()
+    local = _local_addresses()
+    flows = []
+    for family in ("ipv4", "ipv6"):
+        proc = run(["conntrack", "-L", "-f", family], check=False)
+        flows += parse_conntrack(proc.stdout)
+    hit = set()
+    for f in flows:
+        try:
+            if ipaddress.ip_address(f.src) not in net:
+                continue
+        except ValueError:
+            continue
+        to_container = f.dst not in local or any(
+            lo <= f.dport <= hi for lo, hi in ports.get("udp" if f.proto == "udp" else "tcp", []))
+        if to_container:
+            hit.add((f.proto, f.src, f.dst, f.dport))
+    for proto, src, dst, dport in sorted(hit):
+        run(["conntrack", "-U", "-p", proto, "-s", src, "-d", dst, "--dport", str(dport),
+             "--mark", str(nft.REVOKED_MARK)], check=False)
+    return len(hit)
 
 
 def remove() -> bool:
@@ -178,10 +270,12 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
     def revoked(proto: str, src: str, dst: str, dport: int) -> bool:
         if src in inside:
             return False  # opened by the host or a container
-        if dst in local:
+        # from outside, a loopback address leads only through Docker's NAT (Docker < 28)
+        loopback = ipaddress.ip_address(dst).is_loopback
+        if dst in local and not loopback:
             if find_gate(new.container_gates, proto, dport) is None:
                 return False
-        elif dst not in containers:
+        elif dst not in containers and not loopback:
             return False  # routed elsewhere: not dockfence's business
         p = "udp" if proto == "udp" else "tcp"
         a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -269,11 +363,30 @@ class Status:
     firewall_backend: str
 
 
-def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
+LOOPBACK_ONLY = "this host only (loopback)"
+
+
+def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
+                     inv: Inventory) -> PortStatus:
+    """Who reaches a port published on a loopback address, and who sees to it."""
+    if b.family == 6:  # the kernel drops packets to ::1 arriving on any other interface
+        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="the kernel", sources=[])
+    if live is not None and live.loopback_guard:
+        return PortStatus(**row, who=LOOPBACK_ONLY, sources=[],
+                          decided_by="dockfence: loopback addresses from outside")
+    if inv.docker_guards_loopback:
+        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="Docker", sources=[])
+    return PortStatus(**row, who="this host, and neighbours that send to 127.0.0.1 through it",
+                      decided_by=f"Docker {inv.docker_version or '(version unknown)'}",
+                      warning="Docker before 28.0 forwards packets from outside addressed to "
+                      "127.0.0.1 to this port (moby#45610): run `dockfence apply`")
+
+
+def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
-        return PortStatus(**row, who="this host only (loopback)", decided_by="Docker")
+        return _loopback_status(row, b, live, inv)
     if live is None:
         return PortStatus(**row, who="anyone", decided_by="dockfence not applied",
                           warning="not protected: dockfence is not applied")
@@ -312,8 +425,13 @@ def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
     live = live_rules()
-    ports = [_port_status(c, b, live) for c in inv.containers for b in c.bindings]
+    ports = [_port_status(c, b, live, inv) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
+    record = statedir.applied_record() if live is None else None
+    if record:
+        warnings.append(f"table inet dockfence is missing (flushed?): it was applied before "
+                        f"({record}); nothing is filtered until `dockfence apply` (a running "
+                        "`dockfence watch` puts it back)")
     for p in ports:
         if p.warning:
             warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")

@@ -26,10 +26,25 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
             ipaddress.IPv6Address, port: int, proto: Proto = "tcp",
             to: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> Explanation:
     """Verdict for a new connection from an outside `source` to `port` on the host (or, with
-    `to`, on that address: a container's own address means direct routing)."""
+    `to`, on that address: a container's own address means direct routing, a loopback address
+    a packet a neighbour sent to 127.0.0.1 or ::1 through the host)."""
 
     def result(verdict: Verdict | None, target: str, decided_by: str, reason: str) -> Explanation:
         return Explanation(str(source), port, proto, verdict, target, decided_by, reason)
+
+    if to is not None and to.is_loopback and rs.loopback_guard:
+        # Docker's DNAT takes 127.0.0.1 (or ::1) for a host address: the ports behind it are
+        # those published on it and those published on every address
+        behind = [f"{c.name} {b.container_port}/{b.proto} (published on {b.host_endpoint()})"
+                  for c in inventory.containers for b in c.bindings
+                  if b.proto == proto and b.host_port == port
+                  and b.host_ip in (str(to), "0.0.0.0" if to.version == 4 else "::")]
+        return result("deny", "; ".join(behind) or f"port {port}/{proto} on {to}",
+                      "dockfence: loopback addresses from outside",
+                      f"packets from outside addressed to {to} are dropped before Docker's NAT, "
+                      "whatever the policy: Docker would forward them to ports published on "
+                      "every address, and before 28.0 to those published on 127.0.0.1 "
+                      "(moby#45610); only this host reaches them, over lo")
 
     if to is not None:
         direct = next((d for d in rs.direct if d.address == to and d.proto == proto
@@ -48,9 +63,12 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
                               "dropped, except to ports Docker publishes on that address "
                               "(routed mode) for sources their allow-list admits")
 
+    # A loopback-only binding is reached from outside only through a loopback destination,
+    # which a table made before the loopback guard let through Docker's NAT.
     published = [(c, b) for c in inventory.containers for b in c.bindings
-                 if b.proto == proto and b.host_port == port and not b.loopback_only
-                 and (to is None or b.host_ip in ("0.0.0.0", "::", str(to)))]
+                 if b.proto == proto and b.host_port == port
+                 and (to is None or b.host_ip in ("0.0.0.0", "::", str(to)))
+                 and (not b.loopback_only or b.host_ip == str(to))]
     gate = find_gate(rs.container_gates, proto, port)
     if gate is not None:
         endpoints: dict[str, list[str]] = {}
@@ -66,16 +84,23 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
         c, b = published[0]
         return result(rs.unknown_published, f"{c.name} {b.container_port}/{b.proto}",
                       rs.unknown_origin, "published port that no rule names")
+    local = [f"{c.name} {b.container_port}/{b.proto}" for c in inventory.containers
+             for b in c.bindings if b.proto == proto and b.host_port == port and b.loopback_only]
+    port_desc = f"host port {port}/{proto}"
+    if local:  # say why the container published on this port is not what answers
+        port_desc += (f" ({', '.join(local)} is published on loopback only" +
+                      (": packets from outside to loopback addresses are dropped)"
+                       if rs.loopback_guard else ")"))
     if rs.host is None:
-        return result(None, f"host port {port}/{proto}", "no `host:` section",
+        return result(None, port_desc, "no `host:` section",
                       "not a published container port; dockfence leaves the host's own ports "
                       "alone")
     hgate = find_gate(rs.host.gates, proto, port)
     if hgate is not None:
         ok = hgate.sources.admits(source)
-        return result("allow" if ok else "deny", f"host port {port}/{proto}", hgate.origin,
+        return result("allow" if ok else "deny", port_desc, hgate.origin,
                       f"{'allowed' if ok else 'not in the allow-list'}: {hgate.sources.detail()}")
-    return result(rs.host.default, f"host port {port}/{proto}", rs.host.origin,
+    return result(rs.host.default, port_desc, rs.host.origin,
                   "a host port no rule names")
 
 

@@ -454,15 +454,22 @@ class Lab:
         name: str,
         docker_bin_dir: str | None = None,
         dockerd_args: Sequence[str] = (),
+        iptables: str = "default",
     ) -> None:
         """name: <= 8 chars of [a-z0-9], unique among running labs (namespaces, dirs).
 
         docker_bin_dir: put first on PATH of containerd/dockerd and used for the docker CLI
         (the bin/ made by scripts/fetch-docker28.sh, or its parent); None = the system's Docker.
         dockerd_args: extra dockerd flags (e.g. ["--ipv6", "--fixed-cidr-v6", "..."]).
+        iptables: "default" (the system's alternative, iptables-nft on Debian 12) or "legacy":
+        dockerd, and every command run in the host namespace, finds `iptables`, `ip6tables`
+        and their -save/-restore first in a folder of links to the `*-legacy` binaries, as on
+        a host whose alternatives point at iptables-legacy.
         """
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"lab name must match [a-z0-9]{{1,8}}, not {name!r}")
+        if iptables not in ("default", "legacy"):
+            raise ValueError(f"iptables must be 'default' or 'legacy', not {iptables!r}")
         self.name = name
         self.docker_bin_dir = _resolve_bin_dir(docker_bin_dir) if docker_bin_dir else None
         self.dockerd_args = list(dockerd_args)
@@ -479,9 +486,10 @@ class Lab:
         self.docker_host = f"unix://{self.docker_sock}"
         self.dockerd_log = self.base / "dockerd.log"
         self.containerd_log = self.base / "containerd.log"
-        self.path_env = (
-            f"{self.docker_bin_dir}:{SYSTEM_PATH}" if self.docker_bin_dir else SYSTEM_PATH
-        )
+        self.iptables = iptables
+        self.xtables_dir = self.base / "xtables" if iptables == "legacy" else None
+        first = [str(d) for d in (self.xtables_dir, self.docker_bin_dir) if d]
+        self.path_env = ":".join([*first, SYSTEM_PATH])
         self._dockerd: subprocess.Popen[bytes] | None = None
         self._containerd: subprocess.Popen[bytes] | None = None
         self._container_ids: set[str] = set()
@@ -524,6 +532,7 @@ class Lab:
             t0 = time.monotonic()
             self.base.mkdir(mode=0o700, parents=True)
             self._build_network()
+            self._link_xtables()
             self._start_containerd()
             t1 = time.monotonic()
             self._start_dockerd()
@@ -591,8 +600,10 @@ class Lab:
             if k not in ("DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
         }
         env["DOCKER_HOST"] = self.docker_host
-        # Lab's Docker first, then the caller's PATH (its python/venv), then the system dirs.
-        parts = [self.docker_bin_dir or "", *os.environ.get("PATH", "").split(":")]
+        # The lab's iptables variant and Docker first, then the caller's PATH (its python/venv),
+        # then the system dirs.
+        parts = [str(self.xtables_dir or ""), self.docker_bin_dir or ""]
+        parts += os.environ.get("PATH", "").split(":")
         parts += SYSTEM_PATH.split(":")
         env["PATH"] = ":".join(dict.fromkeys(p for p in parts if p))
         if extra:
@@ -823,6 +834,17 @@ class Lab:
             if gateways:
                 _run(["ip", "-n", ns, "route", "add", "default", "via", gateways[0]])
                 _run(["ip", "-n", ns, "-6", "route", "add", "default", "via", gateways[1]])
+
+    def _link_xtables(self) -> None:
+        if self.xtables_dir is None:
+            return
+        self.xtables_dir.mkdir()
+        for fam in ("iptables", "ip6tables"):
+            for suffix in ("", "-save", "-restore"):
+                target = shutil.which(f"{fam}-legacy{suffix}", path=SYSTEM_PATH)
+                if target is None:
+                    raise LabError(f"{fam}-legacy{suffix} not found (apt-get install iptables)")
+                (self.xtables_dir / f"{fam}{suffix}").symlink_to(target)
 
     def _which(self, tool: str) -> str:
         found = shutil.which(tool, path=self.path_env)

@@ -61,11 +61,10 @@ class Located:
     data: Any
     lines: Lines
 
-    def line(self, loc: tuple[str | int, ...]) -> int:
-        """The line of the deepest node on the path `loc` that exists (a missing key: the line
-        of the mapping it is missing from)."""
-        node = self.lines
-        line = node.line
+    def line(self, loc: tuple[str | int, ...]) -> int | None:
+        """The line of the deepest node on the path `loc` that exists (None: not even the
+        first part does)."""
+        node, line = self.lines, None
         for part in loc:
             if isinstance(part, int) and node.items is not None and 0 <= part < len(node.items):
                 node = node.items[part]

@@ -194,6 +194,8 @@ class Container:
     # addresses on networks where Docker opens published ports on the container's own address
     # (gateway mode `routed` or `nat-unprotected`): the only ones direct routing may reach
     routed_addresses: tuple[str, ...] = ()
+    # the container's `dockfence.*` labels, raw (dockfence.labels validates them)
+    labels: tuple[tuple[str, str], ...] = ()
 
     def matches(self, selector: str) -> bool:
         return selector in (self.name, self.service)
@@ -204,6 +206,14 @@ class Inventory:
     containers: tuple[Container, ...] = ()
     bridges: tuple[str, ...] = ()  # interface names of Docker's bridge networks
     firewall_backend: str = "iptables"
+    docker_version: str = ""  # the daemon's ServerVersion, "" when unknown
+
+    @property
+    def docker_guards_loopback(self) -> bool:
+        """Docker 28.0+ drops packets from outside addressed to ports it published on
+        127.0.0.1; older versions DNAT them to the container (moby#45610)."""
+        major = self.docker_version.split(".", 1)[0]
+        return major.isdigit() and int(major) >= 28
 
 
 # --- ruleset: what the kernel should enforce --------------------------------------------------
@@ -263,4 +273,7 @@ class Ruleset:
     docker_bridges: tuple[str, ...] = ()  # never filtered as sources; where containers live
     direct: tuple[DirectGate, ...] = ()  # container address:port reachable without NAT
     host: HostRules | None = None
+    # drop packets from outside addressed to loopback addresses (always rendered; False only
+    # when read back from a table made before dockfence did this)
+    loopback_guard: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -46,6 +46,9 @@ def facts(rs: Ruleset | None) -> Facts:
     out[("setting", "outside interfaces")] = (
         "filtered interfaces", ", ".join(rs.outside) if rs.outside else
         "all but loopback and Docker bridges", "")
+    out[("setting", "loopback addresses from outside")] = (
+        "packets from outside to 127.0.0.0/8 and ::1",
+        "dropped" if rs.loopback_guard else "not dropped", "")
     out[("setting", "docker bridges")] = ("Docker bridges", ", ".join(sorted(rs.docker_bridges))
                                           or "none", "")
     if rs.host is not None:

@@ -6,11 +6,18 @@ import ipaddress
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from . import located_yaml
 from .errors import PolicyError
@@ -73,8 +80,18 @@ def _container_name(value: object) -> object:
     return value.lstrip("/")
 
 
-PortField = Annotated[PortSpec, BeforeValidator(parse_port)]
-SourceField = Annotated[list[str | int], BeforeValidator(_as_list), Field(min_length=1)]
+# What editors see (`dockfence schema`); the validators above stay the authority.
+_PORT_SCHEMA = {
+    "anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+              {"type": "string", "pattern": r"^\d{1,5}(-\d{1,5})?(/(tcp|udp))?$"}],
+    "description": "8080, 8080/tcp or 8000-8100/udp (tcp when no protocol is given)",
+}
+_FROM_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "list names, addresses, CIDRs, or `any`; an empty list admits nobody",
+}
+PortField = Annotated[PortSpec, BeforeValidator(parse_port), WithJsonSchema(_PORT_SCHEMA)]
+SourceField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_FROM_SCHEMA)]
 
 
 class _Strict(BaseModel):
@@ -98,9 +115,14 @@ class _HostSection(_Strict):
     allow: list[_HostRule] = []
 
 
+class _LabelSection(_Strict):
+    may_allow: SourceField
+
+
 class _ContainerSection(_Strict):
     default: Literal["deny", "allow"] = "deny"
     allow: list[_ContainerRule] = []
+    labels: _LabelSection | None = None  # absent: container labels are ignored
 
 
 class _Document(_Strict):
@@ -109,6 +131,13 @@ class _Document(_Strict):
     lists: dict[str, list[str]] = {}
     host: _HostSection | None = None
     containers: _ContainerSection = _ContainerSection()
+
+
+def json_schema() -> dict[str, Any]:
+    """The policy's JSON Schema, as editors' YAML language servers read it."""
+    doc = _Document.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **doc,
+            "title": "dockfence policy (version 1)"}
 
 
 # --- the validated policy ---------------------------------------------------------------------
@@ -142,6 +171,9 @@ class Policy:
     container_default: Verdict
     container_rules: tuple[ContainerRule, ...]
     lines: dict[str, int]  # line of `host.default`, `containers.default`, ...
+    # the most a container label may grant (`containers.labels.may_allow`); None: labels ignored
+    label_limit: Sources | None = None
+    lists: dict[str, Sources] = field(default_factory=dict, compare=False)
 
     def where(self, line: int | None) -> str:
         return f"{self.path}:{line}" if line else self.path
@@ -204,7 +236,8 @@ def parse(text: str | bytes, path: str = "<policy>") -> Policy:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        raise PolicyError(path, doc.line(loc), _friendly(err), doc.value(loc)) from None
+        line = doc.line(loc) or doc.lines.line  # a missing top-level key: the document's
+        raise PolicyError(path, line, _friendly(err), doc.value(loc)) from None
     return _resolve(raw, doc, path)
 
 
@@ -264,7 +297,13 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
         container_rules.append(ContainerRule(r.container, r.port, r.host_port,
                                              sources(r.from_, (*loc, "from")), line))
 
+    label_limit = None
+    if raw.containers.labels is not None:
+        label_limit = sources(raw.containers.labels.may_allow,
+                              ("containers", "labels", "may_allow"))
+
     lines = {
+        "containers.labels": doc.line(("containers", "labels")) or 0,
         "host.default": doc.line(("host", "default")) or doc.line(("host",)) or 0,
         "containers.default": doc.line(("containers", "default"))
         or doc.line(("containers",)) or 0,
@@ -277,4 +316,8 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
         container_default=raw.containers.default,
         container_rules=tuple(container_rules),
         lines=lines,
+        label_limit=label_limit,
+        # only labels look lists up by name later; do not pay for it otherwise
+        lists={name: Sources.of(nets, names=(name,)) for name, nets in lists.items()}
+        if label_limit is not None else {},
     )

@@ -10,7 +10,12 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
     exit 1
 fi
-APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev)
+# ufw: for the coexistence tests only. It installs disabled (ENABLED=no) and the tests run it
+# inside lab namespaces with its state in a copy of /etc/ufw, never on the machine itself.
+APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev
+     ufw)
+# the tests also run real fail2ban, inside lab namespaces only
+[[ "${1:-}" == "--test" ]] && APT+=(fail2ban)
 missing=()
 for pkg in "${APT[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -19,8 +24,18 @@ done
 if ((${#missing[@]})); then
     echo "bootstrap: apt-get install ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # Packages must never start their services on this machine (a fail2ban or dockerd on the
+    # machine's own network): without a policy-rc.d, one that forbids starts is put in place
+    # for the install and removed afterwards.
+    guard=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        guard=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod +x "$guard"
+        trap 'rm -f "$guard"' EXIT
+    fi
     apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null  # as tested: with recommends
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null  # with recommends
+    [[ -n "$guard" ]] && rm -f "$guard"
 fi
 # dockerd is started only inside lab namespaces: never let a package start one on the host.
 if command -v systemctl >/dev/null && systemctl is-active -q docker 2>/dev/null; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -137,6 +138,13 @@ def test_interfaces_and_bridges() -> None:
         ("2001:db8:9::5", 8443, "tcp", "2001:db8:78::2", "deny", "p.yaml:18"),
         ("2001:db8:1::5", 8080, "tcp", "2001:db8:78::2", "deny", "direct routing"),
         ("203.0.113.5", 8443, "tcp", None, "allow", "p.yaml:18"),  # api's NATed IPv4
+        # a loopback destination from outside: dropped whatever the port and the allow-list
+        ("203.0.113.20", 9000, "tcp", "127.0.0.1", "deny", "loopback addresses from outside"),
+        ("203.0.113.5", 8081, "tcp", "127.0.0.1", "deny", "loopback addresses from outside"),
+        ("203.0.113.5", 5353, "udp", "127.0.0.2", "deny", "loopback addresses from outside"),
+        ("2001:db8:1::5", 8081, "tcp", "::1", "deny", "loopback addresses from outside"),
+        # the same port on the host's address is the host's own
+        ("203.0.113.20", 9000, "tcp", None, "deny", "host.default"),
     ],
 )
 def test_explain(
@@ -146,6 +154,30 @@ def test_explain(
     ex = explain(rs, inv, ip(src), port, proto, ip(to) if to else None)  # type: ignore[arg-type]
     assert ex.verdict == verdict
     assert decided in ex.decided_by
+
+
+def test_explain_loopback_destination_names_what_docker_would_forward_to() -> None:
+    rs, inv = rules("version: 1\ncontainers:\n  default: allow\n")
+    ex = explain(rs, inv, ip("203.0.113.20"), 9000, "tcp", ip("127.0.0.1"))
+    assert (ex.verdict, ex.target) == ("deny", "local 9000/tcp (published on 127.0.0.1:9000)")
+    assert "before 28.0" in ex.reason and "moby#45610" in ex.reason
+    ex = explain(rs, inv, ip("203.0.113.20"), 8081, "tcp", ip("127.0.0.1"))
+    assert ex.target == "django 8080/tcp (published on 0.0.0.0:8081)"
+    # from outside to the host's address, the loopback-only port is not what answers
+    ex = explain(rs, inv, ip("203.0.113.20"), 9000)
+    assert ex.verdict is None
+    assert ex.target == ("host port 9000/tcp (local 9000/tcp is published on loopback only: "
+                         "packets from outside to loopback addresses are dropped)")
+
+
+def test_explain_of_a_table_without_the_loopback_guard_tells_what_it_let_in() -> None:
+    """A table made before the guard (read back from the kernel): Docker < 28 DNATs the
+    packet to the loopback-published container, and containers.default decides."""
+    rs, inv = rules("version: 1\ncontainers:\n  default: allow\n")
+    old = replace(rs, loopback_guard=False)
+    ex = explain(old, inv, ip("203.0.113.20"), 9000, "tcp", ip("127.0.0.1"))
+    assert (ex.verdict, ex.target) == ("allow", "local 9000/tcp")
+    assert "containers.default" in ex.decided_by
 
 
 def test_same_inputs_same_ruleset() -> None:

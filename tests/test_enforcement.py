@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +55,7 @@ from dockfence.lab import (
     HOST_EXT0_V6_ALT,
     HOST_EXT1_V4,
     HOST_EXT1_V6,
+    NETNS_DIR,
     Connection,
     Lab,
 )
@@ -301,7 +303,8 @@ def dockfence(lab: Lab, *args: str, ssh: str = "") -> Any:
         "dockfence",
         *args,
         check=False,
-        env={"PYTHONPATH": str(REPO), "SSH_CONNECTION": ssh, "COLUMNS": "200"},
+        env={"PYTHONPATH": str(REPO), "SSH_CONNECTION": ssh, "COLUMNS": "200",
+             "DOCKFENCE_STATE_DIR": str(lab.base / "state")},
         timeout=120,
     )
 
@@ -1178,3 +1181,160 @@ def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
         env.ips["django"] = lab.container_ip("django")
         env.probes = catalog(lab, env.ips)
         wait_serving(env, ["django_v4_office"])
+
+
+def test_init_writes_a_policy_that_closes_every_published_port(env: Env) -> None:
+    """`dockfence init` on the real host: a valid policy naming every running container's
+    published port with an empty allow-list; applied as it is, it shuts out even the office
+    (each probe got in at the baseline), and leaves the host's own ports alone."""
+    lab = env.lab
+    target = lab.base / "init.yaml"
+    target.unlink(missing_ok=True)
+    made = dockfence(lab, "init", "-o", str(target))
+    assert made.returncode == 0, made
+    text = target.read_text()
+    for name in ("django", "admin", "postgres", "echo", "ranged", "v6web"):
+        assert f'container: "{name}"' in text, name
+    again = dockfence(lab, "init", "-o", str(target))
+    assert again.returncode == 2 and target.read_text() == text
+    env.applied = None
+    applied = dockfence(lab, "apply", "--policy", str(target))
+    assert applied.returncode == 0, applied
+    closed = ("django_v4_office", "django_v6_office", "admin_v4_office", "udp_v4_office",
+              "v6web_v6_office", "range_8101_office", "postgres_v4_office")
+    expect(env, dict.fromkeys(closed, False) | {"host22_v4_stranger": True})
+
+
+def test_container_label_grants_within_may_allow(env: Env) -> None:
+    """A container's own label opens its port to the office; the part of the label that asks
+    for more than may_allow (a stranger) grants nothing, and apply says so, naming the
+    container, the label and the value. Baseline: both get in without dockfence."""
+    lab = env.lab
+    label = {"dockfence.allow.8080/tcp": "office, 203.0.113.100"}
+    lab.run_container("labelled", ["8087:8080"], lab.tcp_server_cmd(8080), labels=label)
+    office = (lab.client_ns, CLIENT_V4, HOST_EXT0_V4, 8087, "tcp", TIMEOUT)
+    stranger = (lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8087, "tcp", TIMEOUT)
+    path = lab.base / "labels.yaml"
+    path.write_text(policy_text().replace(
+        "containers:\n  default: deny\n",
+        "containers:\n  default: deny\n  labels:\n    may_allow: [office, branch]\n"))
+    try:
+        env.applied = None
+        dockfence(lab, "remove")
+        deadline = time.monotonic() + 10
+        while lab.probe_many([office, stranger]) != [True, True] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert lab.probe_many([office, stranger]) == [True, True], "baseline"
+        applied = dockfence(lab, "apply", "--policy", str(path))
+        assert applied.returncode == 0, applied
+        assert "container labelled: label 'dockfence.allow.8080/tcp'" in applied.stderr
+        assert "'203.0.113.100': more than may_allow" in applied.stderr, applied.stderr
+        assert lab.probe_many([office, stranger]) == [True, False]
+        why = dockfence(lab, "explain", CLIENT_V4, "8087", "--policy", str(path))
+        assert "ALLOWED" in why.stdout and "label on labelled" in why.stdout, why
+    finally:
+        lab.docker("rm", "-f", "labelled", check=False)
+        env.applied = None
+
+
+F2B_FILTER = "[Definition]\nfailregex = ^auth failure from <HOST>$\ndatepattern = {NONE}\n"
+
+
+def start_fail2ban(lab: Lab) -> tuple[subprocess.Popen[bytes], Path]:
+    """Debian's fail2ban, inside the lab host, with one jail that bans through dockfence (the
+    action shipped in contrib/) after 3 failures in a log file. Nothing of the machine's own
+    /etc/fail2ban is used."""
+    d = lab.base / "f2b"
+    (d / "filter.d").mkdir(parents=True, exist_ok=True)
+    (d / "action.d").mkdir(exist_ok=True)
+    (d / "action.d" / "dockfence.conf").write_text(
+        (REPO / "contrib" / "fail2ban" / "dockfence.conf").read_text())
+    (d / "filter.d" / "lab.conf").write_text(F2B_FILTER)
+    (d / "fail2ban.conf").write_text(
+        f"[Definition]\nloglevel = INFO\nlogtarget = {d}/f2b.log\nsocket = {d}/f2b.sock\n"
+        f"pidfile = {d}/f2b.pid\ndbfile = :memory:\n")
+    command = (f"env PYTHONPATH={REPO} DOCKFENCE_STATE_DIR={lab.base / 'state'} "
+               f"SSH_CONNECTION= {sys.executable} -m dockfence")
+    (d / "jail.local").write_text(
+        f"[lab]\nenabled = true\nfilter = lab\nlogpath = {d}/auth.log\nbackend = polling\n"
+        f"maxretry = 3\nfindtime = 600\nbantime = 600\n"
+        f'action = dockfence[dockfence="{command}"]\n')
+    (d / "auth.log").write_text("")
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", "fail2ban-server", "-c", str(d),
+         "-s", f"{d}/f2b.sock", "-p", f"{d}/f2b.pid", "-xf", "start"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, d
+
+
+def fail2ban_client(lab: Lab, d: Path, *args: str) -> Any:
+    return lab.host_exec("fail2ban-client", "-c", str(d), "-s", f"{d}/f2b.sock", *args,
+                         check=False)
+
+
+def wait_probes(lab: Lab, probes: list[tuple[Any, ...]], want: list[bool],
+                seconds: float = 30) -> list[bool]:
+    deadline = time.monotonic() + seconds
+    got = lab.probe_many(probes)
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.3)
+        got = lab.probe_many(probes)
+    return got
+
+
+@pytest.mark.skipif(subprocess.run(["which", "fail2ban-server"], capture_output=True)
+                    .returncode != 0, reason="needs Debian's fail2ban (scripts/bootstrap.sh)")
+def test_fail2ban_bans_through_dockfence_on_a_public_port(env: Env) -> None:
+    """Real fail2ban, a jail on a log file, dockfence's action: after 3 failures the stranger
+    is refused on a `from: any` published port (it got in just before: the baseline), its
+    established connection is cut, the ban survives a re-apply, and fail2ban's unban lets it
+    back in. The office is never affected."""
+    lab = env.lab
+    public = lab.base / "public.yaml"
+    public.write_text(policy_text(backend_from="any"))
+    stranger = env.probes["postgres_v4_stranger"].spec()
+    office = env.probes["postgres_v4_office"].spec()
+    env.applied = None
+    assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
+    assert wait_probes(lab, [office, stranger], [True, True]) == [True, True], "baseline"
+    proc, d = start_fail2ban(lab)
+    try:
+        with lab.connect(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 5432) as conn:
+            assert conn.echo(), "the stranger's connection works before the ban"
+            deadline = time.monotonic() + 20
+            while "lab" not in fail2ban_client(lab, d, "status").stdout:
+                assert time.monotonic() < deadline, (d / "f2b.log").read_text()
+                time.sleep(0.2)
+            with (d / "auth.log").open("a") as log:
+                log.write("auth failure from 203.0.113.100\n" * 3)
+            assert wait_probes(lab, [office, stranger], [True, False]) == [True, False], \
+                (d / "f2b.log").read_text()
+            assert not conn.echo(), "the banned stranger's established flow is cut"
+        why = dockfence(lab, "explain", CLIENT_V4_ALT, "5432", "--policy", str(public))
+        assert "DENIED" in why.stdout and "dockfence ban 203.0.113.100" in why.stdout, why
+        listed = json.loads(dockfence(lab, "bans", "--json").stdout)
+        assert [(b["network"], b["in_kernel"]) for b in listed] == [("203.0.113.100", True)]
+        assert 0 < listed[0]["expires_in"] <= 600 and "fail2ban lab" in listed[0]["reason"]
+        # a re-apply rebuilds the table: the ban is carried over
+        apply(env, "main")
+        assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
+        assert lab.probe_many([office, stranger]) == [True, False]
+        unban = fail2ban_client(lab, d, "set", "lab", "unbanip", "203.0.113.100")
+        assert unban.returncode == 0, unban
+        assert wait_probes(lab, [office, stranger], [True, True]) == [True, True]
+        assert json.loads(dockfence(lab, "bans", "--json").stdout) == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        env.applied = None
+
+
+def test_ban_refuses_own_ssh_session_without_force(env: Env) -> None:
+    lab = env.lab
+    ensure(env)
+    ssh = f"{CLIENT_V4} 50000 {HOST_EXT0_V4} 22"
+    refused = dockfence(lab, "ban", "203.0.113.0/28", ssh=ssh)
+    assert refused.returncode == 2 and "your own SSH session" in refused.stderr, refused
+    assert json.loads(dockfence(lab, "bans", "--json").stdout) == []
+    bad = dockfence(lab, "ban", "203.0.113.300")
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr

@@ -8,8 +8,14 @@ from dataclasses import replace
 from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.discovery import bindings_of, bridge_name, container_of, routed_families
-from dockfence.engine import _stale_direct, flows_to_cut, lockout, parse_conntrack
-from dockfence.model import Inventory
+from dockfence.engine import (
+    _port_status,
+    _stale_direct,
+    flows_to_cut,
+    lockout,
+    parse_conntrack,
+)
+from dockfence.model import Binding, Inventory
 from dockfence.plan import diff
 
 from helpers import POLICY, scenario
@@ -161,3 +167,46 @@ def test_stale_direct_allowances_are_reported() -> None:
         for c in scenario().containers))
     (warning,) = _stale_direct(rs, moved)
     assert "2001:db8:78::2 port 8443/tcp (api 8443/tcp)" in warning
+
+
+def test_loopback_published_port_status_says_who_keeps_outside_packets_out() -> None:
+    local = next(c for c in scenario().containers if c.name == "local")
+    v4 = Binding("tcp", "127.0.0.1", 9000, 9000)
+    v6 = Binding("tcp", "::1", 9000, 9000)
+    old = Inventory(docker_version="20.10.24+dfsg1")
+    new = Inventory(docker_version="28.5.2+dfsg4")
+    guarded, unguarded = compiled(), replace(compiled(), loopback_guard=False)
+
+    def status(b: Binding, live, inv: Inventory) -> tuple[str, str, bool]:
+        s = _port_status(local, b, live, inv)
+        return s.who, s.decided_by, s.warning is not None
+
+    only = "this host only (loopback)"
+    # Docker 20.10 DNATs packets from outside addressed to 127.0.0.1 (moby#45610)
+    who, by, warned = status(v4, None, old)
+    assert "neighbours" in who and by == "Docker 20.10.24+dfsg1" and warned
+    assert status(v4, unguarded, old)[2]
+    assert status(v4, guarded, old) == (only, "dockfence: loopback addresses from outside", False)
+    assert status(v4, None, new) == (only, "Docker", False)
+    assert status(v4, guarded, new)[1].startswith("dockfence")
+    assert status(v4, None, Inventory())[2]  # version unknown: the worse is assumed
+    assert status(v6, None, old) == (only, "the kernel", False)
+
+
+def test_revocation_cuts_flows_that_came_in_through_a_loopback_destination() -> None:
+    leaked = parse_conntrack(
+        "tcp      6 431999 ESTABLISHED src=203.0.113.100 dst=127.0.0.1 sport=40010 dport=9000 "
+        "src=172.17.0.9 dst=203.0.113.100 sport=9000 dport=40010 [ASSURED] mark=0 use=1\n"
+        "tcp      6 431999 ESTABLISHED src=127.0.0.1 dst=127.0.0.1 sport=40011 dport=9000 "
+        "src=127.0.0.1 dst=127.0.0.1 sport=9000 dport=40011 [ASSURED] mark=0 use=1\n")
+    # under containers.default: allow, a table without the guard let them in (Docker 20.10)
+    rs = compiled("version: 1\ncontainers:\n  default: allow\n")
+    before = replace(rs, loopback_guard=False)
+    cut = flows_to_cut(leaked, before, rs, scenario(), LOCAL)
+    assert [(f.src, f.dport) for f in cut] == [("203.0.113.100", 9000)]  # the host's own: kept
+    assert flows_to_cut(leaked, None, rs, scenario(), LOCAL) == cut
+    assert flows_to_cut(leaked, rs, rs, scenario(), LOCAL) == []  # already dropped
+    # under deny, the old table dropped them already (the DNATed packet fell to the default)
+    deny = compiled()
+    assert flows_to_cut(leaked, replace(deny, loopback_guard=False), deny, scenario(),
+                        LOCAL) == []

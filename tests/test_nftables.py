@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from dockfence import policy
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.model import Binding, Container, Inventory
+from dockfence.stamp import Stamp, digest
 
 from helpers import POLICY, scenario
 
@@ -72,6 +76,26 @@ def test_kernel_round_trip(name: str) -> None:
     assert back.outside == rs.outside
     assert sorted(back.docker_bridges) == sorted(rs.docker_bridges)
     assert set(back.direct) == set(rs.direct)
+    assert back.loopback_guard and rs.loopback_guard
+
+
+@needs_root
+def test_table_without_loopback_guard_reads_back_without_it() -> None:
+    """A table made before the guard existed says so, and every render has it again."""
+    rs = dataclasses.replace(ruleset("scenario"), loopback_guard=False)
+    text = nft.render(rs)
+    assert "loopback_guard" not in text
+    back = nft.parse_live({"nftables": json.loads(nft.canonical_of(text))})
+    assert not back.loopback_guard
+
+
+def test_loopback_guard_is_rendered_whatever_the_policy() -> None:
+    for name in CASES:
+        text = nft.render(ruleset(name))
+        guard = text[text.index("chain loopback_guard"):]
+        assert "hook prerouting priority raw;" in guard
+        assert 'iifname != "lo" ip daddr 127.0.0.0/8 counter drop' in guard
+        assert 'iifname != "lo" ip6 daddr ::1 counter drop' in guard
 
 
 @needs_root
@@ -85,6 +109,37 @@ def test_large_lists_load() -> None:
     inv = Inventory(containers=(Container("web", "w", None, (Binding("tcp", "0.0.0.0", 80, 80),)),))
     rs = compile_policy(policy.parse(text, "big.yaml"), inv)
     rendered = nft.render(rs)
-    assert rendered.count("saddr") == 1
+    assert rendered.count("saddr @allow_") == 1
     back = nft.parse_live({"nftables": json.loads(nft.canonical_of(nft.render(rs)))})
     assert back.container_gates == rs.container_gates
+
+
+def test_stamp_text_round_trips_and_rejects_other_text() -> None:
+    s = Stamp(digest(b"policy"), digest(b"inventory"))
+    assert Stamp.parse(s.text()) == s
+    assert Stamp.parse(s.text().replace("dockfence/1", "dockfence/0")) is None
+    assert Stamp.parse("managed by hand") is None
+    assert digest(b"ab", b"c") != digest(b"a", b"bc")  # chunks cannot blur into each other
+
+
+@needs_root
+def test_stamp_is_read_back_and_replaced_in_one_transaction() -> None:
+    """In a throwaway namespace: the stamp a table was loaded with is what live_stamp() reads,
+    and stamp_update() replaces it without touching anything else."""
+    first, second = Stamp(digest(b"p1"), digest(b"i1")), Stamp(digest(b"p1"), digest(b"i2"))
+    table = nft.transaction(nft.render(ruleset("scenario"), first))
+    script = (
+        "import sys\n"
+        "from dockfence.backends import nftables as nft\n"
+        "nft.apply_text(sys.argv[1])\n"
+        "print(nft.live_stamp().text())\n"
+        "before = nft.live_text().replace(sys.argv[2], sys.argv[3])\n"
+        "nft.apply_text(sys.argv[4])\n"
+        "print(nft.live_stamp().text())\n"
+        "print(before == nft.live_text())\n"
+    )
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", script, table, first.text(),
+         second.text(), nft.stamp_update(second)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert proc.stdout.splitlines() == [first.text(), second.text(), "True"]

@@ -9,7 +9,8 @@ Paths covered:
   destination port (the host port the user published), never on the container port;
   new connections to a container that were not DNATed (direct routing) are dropped;
 - input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
-- input: the host's own ports, when the policy has a `host:` section.
+- input: the host's own ports, when the policy has a `host:` section;
+- prerouting: packets from outside addressed to a loopback address, whatever the policy.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..model import (
     show_network,
 )
 from ..run import run
+from ..stamp import Stamp
 
 FAMILY, TABLE = "inet", "dockfence"
 PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
@@ -42,8 +44,14 @@ TAG_UNKNOWN = "containers.default"
 TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
+TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
+STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
+# Banned addresses (dockfence ban): every allow-list refuses them, `any` included. Their
+# elements are not the policy's: canonical listings leave them out, and apply carries them over.
+BAN_SETS = {4: "bans_v4", 6: "bans_v6"}
+ALLOW_ANY = "allow_any"
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
 
@@ -67,9 +75,10 @@ class _Renderer:
     chains: dict[Sources, str]
 
     def allow_chain(self, sources: Sources) -> str:
-        """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
+        """A verdict for one allow-list: drop, or a jump to a chain that refuses banned
+        addresses and then tests the list's sets (`any`: one shared chain)."""
         if sources.any:
-            return "accept"
+            return f"jump {ALLOW_ANY}"
         if sources.nobody:
             return "drop"
         if sources not in self.chains:
@@ -91,7 +100,7 @@ class _Renderer:
                         "\t}",
                     ]
                     body.append(f"\t\t{fam} saddr @{sname} accept")
-            self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
+            self.lines += [f"\tchain {name} {{", *_BAN_RULES, *body, "\t\tcounter drop", "\t}"]
         return f"jump {self.chains[sources]}"
 
     def verdict_map(self, name: str, key_type: str, interval: bool,
@@ -120,13 +129,48 @@ _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 
 def _verdict(v: Verdict) -> str:
-    return "accept" if v == "allow" else "drop"
+    return f"jump {ALLOW_ANY}" if v == "allow" else "drop"
 
 
-def render(rs: Ruleset) -> str:
+_BAN_RULES = [f"\t\t{fam} saddr @{BAN_SETS[v]} counter drop comment {comment('banned')}"
+              for fam, v in (("ip", 4), ("ip6", 6))]
+
+
+def _ban_sets() -> list[str]:
+    lines = []
+    for version, name in BAN_SETS.items():
+        lines += [f"\tset {name} {{", f"\t\ttype ipv{version}_addr",
+                  "\t\tflags interval,timeout", "\t}"]
+    return [*lines, f"\tchain {ALLOW_ANY} {{", *_BAN_RULES, "\t\taccept", "\t}"]
+
+
+def _stamp_set(stamp: Stamp | None) -> list[str]:
+    return [f"\tset {STAMP_SET} {{", "\t\ttype inet_service",
+            *([f"\t\telements = {{ 1 comment {comment(stamp.text())} }}"] if stamp else []),
+            "\t}"]
+
+
+
+def _loopback_guard() -> list[str]:
+    """Drop packets that arrive on any interface but lo addressed to 127.0.0.0/8 or ::1.
+    Docker < 28 DNATs them to ports published on 127.0.0.1 (moby#45610), so a neighbour could
+    reach a "this host only" port. At priority raw: before conntrack (no entry is made for them)
+    and before Docker's DNAT. The host's own loopback traffic arrives on lo; replies of Docker's
+    hairpin NAT (userland proxy off) arrive on a bridge addressed to the bridge, not 127/8."""
+    tag = comment(TAG_LOOPBACK)
+    return [
+        "\tchain loopback_guard {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        f'\t\tiifname != "lo" ip daddr 127.0.0.0/8 counter drop comment {tag}',
+        f'\t\tiifname != "lo" ip6 daddr ::1 counter drop comment {tag}',
+        "\t}",
+    ]
+
+def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
     r = _Renderer(lines=[], chains={})
-    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"']
+    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
+                *_stamp_set(stamp), *_ban_sets()]
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -193,6 +237,7 @@ def render(rs: Ruleset) -> str:
         f"\t\ttype filter hook output priority {PRIORITY}; policy accept;",
         revoked,
         "\t}",
+        *(_loopback_guard() if rs.loopback_guard else []),
         "}",
     ]
     return "\n".join(r.lines) + "\n"
@@ -202,6 +247,77 @@ def transaction(table: str) -> str:
     """Create-if-missing, delete, recreate: one atomic batch with no window in between.
     `table` is what render() made."""
     return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + table
+
+
+def stamp_update(stamp: Stamp) -> str:
+    """nft commands that replace the table's stamp; part of the same transaction as the change
+    it describes."""
+    return (f"flush set {FAMILY} {TABLE} {STAMP_SET}\n"
+            f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment {comment(stamp.text())} }}\n")
+
+
+def ban_element_commands(net: IPNetwork, seconds: int | None) -> str:
+    """Add (or renew) one ban: add, delete, add again in one transaction resets its timeout
+    whether or not it was there. `net` is a validated network, never raw text."""
+    name = BAN_SETS[net.version]
+    elem = show_network(net)
+    timeout = f" timeout {max(seconds, 1)}s" if seconds is not None else ""
+    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"add element {FAMILY} {TABLE} {name} {{ {elem}{timeout} }}\n")
+
+
+def unban_commands(net: IPNetwork) -> str:
+    name, elem = BAN_SETS[net.version], show_network(net)
+    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
+            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n")
+
+
+def gated_ports() -> dict[str, list[tuple[int, int]]]:
+    """The published host ports the live table gates, per protocol (two small maps)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for proto in PROTOS:
+        proc = run(["nft", "-j", "list", "map", FAMILY, TABLE, f"{proto}_ports"], check=False)
+        docs = json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []
+        out[proto] = [(p.first, p.last) for obj in docs for key, _ in obj.get("map", {}).get(
+            "elem", []) for p in [_ports(_key(key)[0])]]
+    return out
+
+
+def live_bans() -> dict[str, int | None] | None:
+    """Banned networks in the live table -> seconds left (None: no timeout); None when
+    dockfence is not applied."""
+    found: dict[str, int | None] = {}
+    for name in BAN_SETS.values():
+        proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, name], check=False)
+        if proc.returncode != 0:
+            return None
+        for obj in json.loads(proc.stdout).get("nftables", []):
+            for elem in obj.get("set", {}).get("elem", []):
+                val, left = elem, None
+                if isinstance(elem, dict) and "elem" in elem:
+                    val, left = elem["elem"]["val"], elem["elem"].get("expires")
+                for net in _elem_networks(val):
+                    found[show_network(net)] = left
+    return found
+
+
+def live_stamp_present() -> bool:
+    """Is dockfence's table loaded (its small stamp set answers)?"""
+    return run(["nft", "list", "set", FAMILY, TABLE, STAMP_SET], check=False).returncode == 0
+
+
+def live_stamp() -> Stamp | None:
+    """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
+    dockfence is not applied or the table carries no valid stamp."""
+    proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
+    if proc.returncode != 0:
+        return None
+    for obj in json.loads(proc.stdout).get("nftables", []):
+        for elem in obj.get("set", {}).get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                return Stamp.parse(elem["elem"].get("comment", ""))
+    return None
 
 
 def removal() -> str:
@@ -231,9 +347,12 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
         return None
 
     items = []
+    bans = set(BAN_SETS.values())
     for obj in doc.get("nftables", []):
-        # handles sit on the table, set, map, chain and rule objects themselves, never deeper
-        items.append({kind: {k: v for k, v in body.items() if k != "handle"}
+        # handles sit on the table, set, map, chain and rule objects themselves, never deeper;
+        # banned addresses come and go by themselves and are not the policy's
+        items.append({kind: {k: v for k, v in body.items()
+                             if k != "handle" and not (k == "elem" and body.get("name") in bans)}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
@@ -294,7 +413,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
-        if "set" in obj:
+        if "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
             sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
             if s.get("comment"):
@@ -305,11 +424,11 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             rules.setdefault(obj["rule"]["chain"], []).append(obj["rule"])
 
     def sources_of(verdict: dict[str, Any]) -> Sources:
-        if "accept" in verdict:
+        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
+        if "accept" in verdict or target == ALLOW_ANY:
             return Sources(any=True)
         if "drop" in verdict:
             return Sources()
-        target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
         v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
         # What dockfence wrote was collapsed already and nft lists it in order: sorting is
         # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
@@ -336,7 +455,9 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         for rule in rules.get(chain, []):
             label, origin = _split(rule.get("comment", ""))
             if label == tag:
-                verdict: Verdict = "allow" if any("accept" in e for e in rule["expr"]) else "deny"
+                verdict: Verdict = "allow" if any(
+                    "accept" in e or e.get("jump", {}).get("target") == ALLOW_ANY
+                    for e in rule["expr"]) else "deny"
                 return verdict, origin
         return None
 
@@ -352,6 +473,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
 
     unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
     host_default = tagged("input", TAG_HOST)
+    # a drop (never an accept) makes the guard; absent in tables made before it existed
+    guard = tagged("loopback_guard", TAG_LOOPBACK)
     host = None
     if host_default is not None:
         host = HostRules(tuple(gates("host_tcp", "tcp") + gates("host_udp", "udp")),
@@ -365,4 +488,5 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
                      for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,
+        loopback_guard=guard is not None and guard[0] == "deny",
     )

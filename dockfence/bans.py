@@ -1,0 +1,115 @@
+"""Banned addresses: refused by every allow-list (`from: any` too) until they expire.
+
+The kernel's timeout sets (`bans_v4`, `bans_v6` in dockfence's table) enforce and expire them;
+a small record in the state directory keeps them across re-applies (which rebuild the table)
+and reboots (`dockfence restore`). Parsing and bookkeeping here are pure; `ban`, `unban` and
+`current` act on the kernel through the nftables backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import OperationalError, UsageError
+from .model import IPNetwork, show_network
+from .statedir import state_dir
+
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_BANS = 100_000
+RECORD = "bans.json"
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds from `90`, `90s`, `10m`, `1h`, `2d`, `1w`; None (for ever) from `-1` (fail2ban's
+    permanent bantime) or `forever`."""
+    value = text.strip().lower()
+    if value in ("-1", "forever", "permanent"):
+        return None
+    m = _DURATION_RE.match(value)
+    if not m or int(m[1]) == 0:
+        raise UsageError(f"not a duration: {text!r} (write 90, 90s, 10m, 1h, 2d, 1w or forever)")
+    return int(m[1]) * _UNITS[m[2]]
+
+
+def parse_target(text: str) -> IPNetwork:
+    """An address or CIDR to ban; host bits must be clear, and never loopback or `any`."""
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise UsageError(f"not an IP address or CIDR: {text!r} ({exc})") from None
+    if net.is_loopback or net.network_address.is_unspecified or net.is_multicast:
+        raise UsageError(f"refusing to ban {net}: loopback, unspecified or multicast")
+    return net
+
+
+@dataclass(frozen=True)
+class Ban:
+    network: str  # as shown: 203.0.113.5 or 203.0.113.0/24
+    expires: float | None  # epoch seconds; None: until unbanned
+    reason: str = ""
+
+    def remaining(self, now: float) -> int | None:
+        return None if self.expires is None else max(0, int(self.expires - now))
+
+
+def load(path: Path | None = None, now: float | None = None) -> list[Ban]:
+    """The recorded bans that have not expired. A damaged record is an error, never an empty
+    list: forgetting bans silently would let the banned back in."""
+    path = path or state_dir() / RECORD
+    now = time.time() if now is None else now
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OperationalError(f"{path}: cannot read the ban record: {exc}") from None
+    try:
+        bans = [Ban(str(show_network(ipaddress.ip_network(b["network"]))),
+                    None if b.get("expires") is None else float(b["expires"]),
+                    str(b.get("reason", ""))[:200]) for b in raw["bans"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OperationalError(f"{path}: damaged ban record ({exc})") from None
+    return [b for b in bans if b.expires is None or b.expires > now]
+
+
+def save(bans: Iterable[Ban], path: Path | None = None) -> None:
+    """Write the record atomically (a crash leaves the old one or the new one)."""
+    path = path or state_dir() / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    data = json.dumps({"bans": [asdict(b) for b in bans]}, indent=1)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OperationalError(f"cannot write the ban record {path}: {exc.strerror}") from None
+
+
+def with_ban(bans: list[Ban], ban: Ban) -> list[Ban]:
+    out = [b for b in bans if b.network != ban.network] + [ban]
+    if len(out) > MAX_BANS:
+        raise OperationalError(f"more than {MAX_BANS:,} bans: ban a network instead")
+    return out
+
+
+def without(bans: list[Ban], network: str) -> list[Ban]:
+    return [b for b in bans if b.network != network]
+
+
+def elements(bans: Iterable[Ban], now: float) -> str:
+    """nft commands adding these bans to a freshly loaded table (same transaction)."""
+    from .backends.nftables import ban_element_commands
+
+    return "".join(ban_element_commands(ipaddress.ip_network(b.network), b.remaining(now))
+                   for b in bans)

@@ -1,0 +1,116 @@
+"""Allow rules that containers carry as labels, within what the policy lets labels grant. Pure.
+
+A label `dockfence.allow.8080/tcp: "office, 198.51.100.7"` adds its sources to the container's
+port 8080/tcp, like a policy rule, but only as far as `containers.labels.may_allow` goes: labels
+are written by whoever deploys a container, who may not be the host's administrator. Label text
+is parsed into ports and networks here; nothing of it reaches a rule as text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .model import Container, IPNetwork, PortSpec, Sources
+from .policy import LIST_NAME_RE, Policy, parse_network, parse_port
+
+PREFIX = "dockfence."
+ALLOW_PREFIX = "dockfence.allow."
+MAX_LABELS = 64  # dockfence labels read per container; more is refused as a whole
+MAX_VALUE = 4096  # characters in one label's value
+MAX_TOKENS = 256  # entries in one label's value
+_TOKEN_RE = re.compile(r"^[0-9A-Za-z:./_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """What one label validly grants."""
+
+    container: str
+    key: str
+    port: PortSpec
+    sources: Sources
+
+    @property
+    def origin(self) -> str:
+        return f"label on {self.container} ({self.key})"
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """A label value as a warning may show it: escaped, and short whatever its length."""
+    text = value.encode("unicode_escape").decode("ascii")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _within(net: IPNetwork, limit: Sources) -> bool:
+    return limit.any or any(net.version == m.version and net.subnet_of(m)  # type: ignore[arg-type]
+                            for m in limit.networks)
+
+
+def _token(token: str, policy: Policy, limit: Sources) -> tuple[list[IPNetwork], bool, str]:
+    """(networks, any, problem): what one entry of a label's value grants, or why not."""
+    if not token.isascii() or not _TOKEN_RE.match(token):
+        return [], False, "not a list name, address, CIDR or `any`"
+    if token == "any":
+        return ([], True, "") if limit.any else ([], False, "`any` is more than may_allow")
+    if token in policy.lists:
+        nets = list(policy.lists[token].networks)
+        if token in limit.names or all(_within(n, limit) for n in nets):
+            return nets, False, ""
+        return [], False, f"list {token} is more than may_allow"
+    if LIST_NAME_RE.match(token):
+        return [], False, "unknown list name"
+    try:
+        net = parse_network(token)
+    except ValueError as exc:
+        return [], False, str(exc)
+    if not _within(net, limit):
+        return [], False, "more than may_allow"
+    return [net], False, ""
+
+
+def label_rules(policy: Policy, c: Container) -> tuple[list[LabelRule], list[str]]:
+    """The rules a container's labels validly grant, and a warning for every part refused
+    (naming the container, the label and the value)."""
+    limit = policy.label_limit
+    mine = [(k, v) for k, v in c.labels if k.startswith(PREFIX)]
+    if limit is None or not mine:
+        return [], []
+    where = f"container {c.name}"
+    if len(mine) > MAX_LABELS:
+        return [], [f"{where}: {len(mine)} dockfence labels (at most {MAX_LABELS}): "
+                    "all ignored"]
+    rules: list[LabelRule] = []
+    warnings: list[str] = []
+    for key, value in mine:
+        bad = f"{where}: label {_show(key)} = {_show(value)}"
+        if not key.startswith(ALLOW_PREFIX):
+            warnings.append(f"{bad}: unknown dockfence label (dockfence.allow.PORT[/PROTO])")
+            continue
+        try:
+            port = parse_port(key[len(ALLOW_PREFIX):])
+        except ValueError as exc:
+            warnings.append(f"{bad}: {exc}; grants nothing")
+            continue
+        if len(value) > MAX_VALUE:
+            warnings.append(f"{bad}: longer than {MAX_VALUE} characters; grants nothing")
+            continue
+        tokens = [t.strip() for t in value.split(",") if t.strip()]
+        if len(tokens) > MAX_TOKENS:
+            warnings.append(f"{bad}: more than {MAX_TOKENS} entries; grants nothing")
+            continue
+        nets: list[IPNetwork] = []
+        any_ = False
+        granted: list[str] = []
+        for token in tokens:
+            got, got_any, problem = _token(token, policy, limit)
+            if problem:
+                warnings.append(f"{bad}: {_show(token)}: {problem}; that part grants nothing")
+                continue
+            nets += got
+            any_ = any_ or got_any
+            granted.append(token)
+        if granted:
+            rules.append(LabelRule(c.name, key, port,
+                                   Sources.of(nets, any_, tuple(granted))))
+    return rules, warnings

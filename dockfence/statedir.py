@@ -1,0 +1,25 @@
+"""Where dockfence keeps a record of what it applied ($DOCKFENCE_STATE_DIR, default
+/var/lib/dockfence), so that a table gone missing (`nft flush ruleset`) is told apart from a
+host where dockfence was never applied. The watch/restore side writes the record; this side
+only asks whether one exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT = "/var/lib/dockfence"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("DOCKFENCE_STATE_DIR") or DEFAULT)
+
+
+def applied_record() -> str | None:
+    """The path of a record of an earlier apply, or None."""
+    try:
+        records = sorted(p for p in state_dir().iterdir()
+                         if p.is_file() and p.name != "bans.json")  # bans are not the table
+    except OSError:
+        return None
+    return str(records[0]) if records else None
