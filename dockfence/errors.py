@@ -27,5 +27,11 @@ class PolicyError(DockfenceError):
     def __init__(self, path: str, line: int | None, message: str, value: object = None) -> None:
         self.path, self.line, self.message, self.value = path, line, message, value
         where = f"{path}:{line}" if line else path
-        shown = f" (got {value!r})" if value is not None else ""
+        shown = f" (got {_short(value)})" if value is not None else ""
         super().__init__(f"{where}: {message}{shown}")
+
+
+def _short(value: object, limit: int = 100) -> str:
+    """repr, cut short: the offending value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

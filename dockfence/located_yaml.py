@@ -1,47 +1,59 @@
 """YAML parsed into plain data plus the line of every key and list item, for error messages.
 
-libyaml (PyYAML's C parser) does the parsing: a policy with 100,000 addresses loads in a fraction
-of a second, where a pure-Python round-trip parser takes seconds.
+Policies are written by people who are not always the host's administrator (container labels,
+downloaded lists), so this loader is built for hostile input. libyaml (PyYAML's C parser) turns
+the text into events, and one iterative pass over them builds the data, refusing everything a
+policy has no use for before it can cost time or memory:
+
+- anchors and aliases (`&a`, `*a`): expanding shared nodes is exponential (a "billion laughs"
+  file of 1 KB), and `<<` merge keys build on them;
+- explicit tags (`!!python/object`, `!!binary`, `!foo`) and more than one document;
+- nesting deeper than MAX_DEPTH (no recursion, so no RecursionError either);
+- keys that are not plain words (a mapping or sequence as a key), and duplicate keys;
+- bytes that are not UTF-8, and control characters (NUL): reported with their line.
+
+Keys are always their text (`1:` is the key "1", `yes:` the key "yes"): a key is a name, never a
+YAML 1.1 number or boolean. Plain values are null, booleans, integers, floats or strings as in
+YAML 1.1, except that sexagesimal numbers (`22:30`, YAML 1.1 makes that 1350) and timestamps stay
+strings, so a port or an address is never silently turned into something else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_resolver = yaml.resolver.Resolver()
+_constructor = yaml.constructor.SafeConstructor()
+
+MAX_DEPTH = 32  # a policy nests 6 levels deep
+# Keys, values and list items together. Bounds what a file can cost in Python objects (and in
+# validation errors) whatever its size: an inline list of 200,000 addresses still fits.
+MAX_NODES = 300_000
+_TAG = "tag:yaml.org,2002:"
+# What YAML allows in a stream (YAML 1.1, 5.1): everything else is refused with its line.
+_NOT_PRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # libyaml's line breaks
 
 
 class YAMLError(ValueError):
-    def __init__(self, line: int | None, message: str) -> None:
-        self.line = line
+    def __init__(self, line: int | None, message: str, value: object = None) -> None:
+        self.line, self.value = line, value
         super().__init__(message)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lines:
     """The 1-based line of a node, and of its children (by key or by index)."""
 
     line: int
-    keys: dict[str, Lines] = field(default_factory=dict)
-    items: list[Lines] = field(default_factory=list)
-
-
-def _lines(node: yaml.Node) -> Lines:
-    here = Lines(node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for knode, vnode in node.value:
-            key = str(knode.value)
-            if key in here.keys:
-                raise YAMLError(knode.start_mark.line + 1, f"duplicate key {key!r}")
-            sub = _lines(vnode)
-            sub.line = knode.start_mark.line + 1  # a key's line is where errors point
-            here.keys[key] = sub
-    elif isinstance(node, yaml.SequenceNode):
-        here.items = [_lines(v) for v in node.value]
-    return here
+    keys: dict[str, Lines] | None = None
+    items: list[Lines] | None = None
 
 
 @dataclass
@@ -50,12 +62,13 @@ class Located:
     lines: Lines
 
     def line(self, loc: tuple[str | int, ...]) -> int | None:
-        """The line of the deepest node on the path `loc` that exists."""
+        """The line of the deepest node on the path `loc` that exists (None: not even the
+        first part does)."""
         node, line = self.lines, None
         for part in loc:
-            if isinstance(part, int) and part < len(node.items):
+            if isinstance(part, int) and node.items is not None and 0 <= part < len(node.items):
                 node = node.items[part]
-            elif str(part) in node.keys:
+            elif node.keys is not None and str(part) in node.keys:
                 node = node.keys[str(part)]
             else:
                 break
@@ -73,19 +86,167 @@ class Located:
         return node if isinstance(node, str | int | float | bool) else None
 
 
-def load(text: str) -> Located:
-    loader = _Loader(text)
+def line_at(text: str, pos: int) -> int:
+    """1-based line of character `pos`, counting line breaks as libyaml does."""
+    return sum(1 for _ in _BREAK.finditer(text, 0, pos)) + 1
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 (an optional BOM is dropped), or a YAMLError naming the line of the first bad byte."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return Located(None, Lines(1))
-        lines = _lines(node)
-        return Located(loader.construct_document(node), lines)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = line_at(data[: exc.start].decode("utf-8-sig"), exc.start)
+        bad = data[exc.start: exc.end]
+        raise YAMLError(line, "not UTF-8: the policy is UTF-8 text", bad) from None
+
+
+def load(source: str | bytes) -> Located:
+    """Parse one YAML document (text or UTF-8 bytes) into data with lines."""
+    text = decode(source) if isinstance(source, bytes) else source
+    if bad := _NOT_PRINTABLE.search(text):
+        char = bad.group()
+        raise YAMLError(line_at(text, bad.start()),
+                        f"control character U+{ord(char):04X} is not allowed in YAML", char)
+    parser = _Parser(text)
+    try:
+        return _build(parser)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise YAMLError(mark.line + 1 if mark else None,
-                        str(exc.problem or exc.context)) from None
+        # libyaml may point one line past the end of a file that ends inside a quoted scalar
+        line = min(mark.line + 1, line_at(text, len(text))) if mark else None
+        raise YAMLError(line, f"not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:  # libyaml counts UTF-8 bytes
+        at = len(text.encode()[: exc.position].decode(errors="ignore"))
+        raise YAMLError(line_at(text, at), exc.reason) from None
     except yaml.YAMLError as exc:
-        raise YAMLError(None, str(exc)) from None
+        raise YAMLError(None, f"not valid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        parser.dispose()
+
+
+class _Open:
+    """A mapping or sequence being built, on the explicit stack."""
+
+    __slots__ = ("data", "is_map", "key", "key_line", "lines")
+
+    def __init__(self, data: dict[str, Any] | list[Any], lines: Lines) -> None:
+        self.data, self.lines, self.is_map = data, lines, isinstance(data, dict)
+        self.key: str | None = None  # a mapping's key waiting for its value
+        self.key_line = 0
+
+
+def _build(parser: Any) -> Located:
+    """One pass over the events with an explicit stack: linear time, no recursion."""
+    stack: list[_Open] = []
+    top: _Open | None = None
+    root: tuple[Any, Lines] | None = None
+    documents = nodes = 0
+    value: Any
+    while (event := parser.get_event()) is not None:
+        kind = type(event)
+        line = event.start_mark.line + 1
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise YAMLError(line, f"more than {MAX_NODES:,} keys, values and list items: keep "
+                            "long address lists in list files")
+        if kind is yaml.ScalarEvent:
+            _plain(event, line)
+            if top is not None and top.is_map and top.key is None:
+                _take_key(top, event, line)
+                continue
+            value, lines = _scalar(event, line), Lines(line)
+        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+            assert top is not None
+            value, lines = top.data, top.lines
+            stack.pop()
+            top = stack[-1] if stack else None
+        elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+            _plain(event, line)
+            if len(stack) >= MAX_DEPTH:
+                raise YAMLError(line, f"nested more than {MAX_DEPTH} levels deep")
+            if top is not None and top.is_map and top.key is None:
+                raise YAMLError(line, "a key is a plain word, not a mapping or a list")
+            if kind is yaml.MappingStartEvent:
+                top = _Open({}, Lines(line, keys={}))
+            else:
+                top = _Open([], Lines(line, items=[]))
+            stack.append(top)
+            continue
+        elif kind is yaml.AliasEvent:
+            raise YAMLError(line, "YAML aliases (*name) are not allowed in a policy: write the "
+                            "value out, or use a named list", f"*{event.anchor}")
+        elif kind is yaml.DocumentStartEvent:
+            documents += 1
+            if documents > 1:
+                raise YAMLError(line, "more than one YAML document: a policy is one document")
+            continue
+        else:  # stream start and end, document end
+            continue
+        if top is None:
+            root = (value, lines)
+        elif top.is_map:
+            key = top.key
+            assert key is not None
+            lines.line = top.key_line  # a key's line is where errors point
+            top.data[key] = value  # type: ignore[call-overload]
+            top.lines.keys[key] = lines  # type: ignore[index]
+            top.key = None
+        else:
+            top.data.append(value)  # type: ignore[union-attr]
+            top.lines.items.append(lines)  # type: ignore[union-attr]
+    if root is None:
+        return Located(None, Lines(1))
+    return Located(*root)
+
+
+def _plain(event: Any, line: int) -> None:
+    """Refuse anchors and tags: see the module's docstring."""
+    if event.anchor is not None:
+        raise YAMLError(line, "YAML anchors (&name) are not allowed in a policy",
+                        f"&{event.anchor}")
+    if event.tag is not None:
+        tag = str(event.tag)
+        raise YAMLError(line, "YAML tags are not allowed in a policy",
+                        "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag)
+
+
+def _take_key(mapping: _Open, event: Any, line: int) -> None:
+    key = str(event.value)
+    if event.style == "" and key == "<<":
+        raise YAMLError(line, "YAML merge keys (<<) are not allowed in a policy", key)
+    if key in mapping.data:
+        raise YAMLError(line, f"duplicate key {key!r}", key)
+    mapping.key, mapping.key_line = key, line
+
+
+# First characters of plain scalars that YAML 1.1 may type (null, bool, int, float, timestamp).
+_MAYBE_TYPED = frozenset(c for c in _resolver.yaml_implicit_resolvers if c is not None)
+
+
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]{0,99})\Z")
+
+
+def _scalar(event: Any, line: int) -> object:
+    """A plain scalar's YAML 1.1 type (see the module's docstring); quoted ones are strings."""
+    value: str = event.value
+    if not event.implicit[0]:  # quoted, or a block scalar
+        return value
+    if _DECIMAL.match(value):  # the common number: a port, a version
+        return int(value)
+    if (value and value[0] not in _MAYBE_TYPED) or ":" in value or "/" in value \
+            or value.count(".") > 1:  # a word, an address, a CIDR, a time: never a number
+        return value
+    tag = _resolver.resolve(yaml.ScalarNode, value, (True, False))
+    if tag == _TAG + "null":
+        return None
+    if tag == _TAG + "bool":
+        return _constructor.bool_values[value.lower()]
+    if tag in (_TAG + "int", _TAG + "float"):
+        make = _constructor.construct_yaml_int if tag.endswith("int") else \
+            _constructor.construct_yaml_float
+        try:
+            return make(yaml.ScalarNode(tag, value))
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise YAMLError(line, "number too large", value) from None
+    return value

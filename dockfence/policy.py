@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +27,10 @@ _PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
 # Docker container names (and compose service names, which are stricter).
 NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# Bounds what one check costs (well under 2 s at this size); see README, "The policy".
+MAX_POLICY_BYTES = 8 * 1024 * 1024
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 def parse_port(value: object) -> PortSpec:
@@ -187,18 +193,42 @@ def _friendly(err: dict[str, Any]) -> str:
 
 def load(path: str | Path) -> Policy:
     path = str(path)
+    return parse(read(path), path)
+
+
+def read(path: str) -> bytes:
+    """The policy file's bytes; a PolicyError for anything but a readable regular file of at most
+    MAX_POLICY_BYTES. Opened non-blocking, so a FIFO is refused instead of waited on."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise PolicyError(path, None, f"cannot read policy: {exc.strerror}") from None
-    return parse(text, path)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise PolicyError(path, None, f"cannot read policy: {kind}, not a file")
+        chunks, size = [], 0
+        while size <= MAX_POLICY_BYTES and (chunk := os.read(fd, MAX_POLICY_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise PolicyError(path, None, f"cannot read policy: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(path, None, f"the policy is larger than {MAX_POLICY_BYTES:,} bytes; "
+                          "keep long address lists in list files")
+    return data
 
 
-def parse(text: str, path: str = "<policy>") -> Policy:
+def parse(text: str | bytes, path: str = "<policy>") -> Policy:
+    """A policy from its text (or UTF-8 bytes); a PolicyError with file, line and value."""
     try:
         doc = located_yaml.load(text)
     except located_yaml.YAMLError as exc:
-        raise PolicyError(path, exc.line, f"not valid YAML: {exc}") from None
+        raise PolicyError(path, exc.line, str(exc), exc.value) from None
     if not isinstance(doc.data, dict):
         raise PolicyError(path, 1, "a policy is a YAML mapping starting with `version: 1`")
     try:
@@ -206,7 +236,8 @@ def parse(text: str, path: str = "<policy>") -> Policy:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        raise PolicyError(path, doc.line(loc), _friendly(err), doc.value(loc)) from None
+        line = doc.line(loc) or doc.lines.line  # a missing top-level key: the document's
+        raise PolicyError(path, line, _friendly(err), doc.value(loc)) from None
     return _resolve(raw, doc, path)
 
 

@@ -322,17 +322,22 @@ def ensure(env: Env, name: str = "main") -> None:
         apply(env, name)
 
 
-def ruleset(lab: Lab, stateless: bool = False) -> str:
-    argv = ["nft", "-s", "list", "ruleset"] if stateless else ["nft", "list", "ruleset"]
-    return str(lab.host_exec(*argv).stdout)
+def ruleset(lab: Lab) -> str:
+    """`nft -s list ruleset`: every table without counters and other state, which moves
+    whenever a packet passes (Docker's masquerade counter, a late retransmission, `push`)."""
+    return str(lab.host_exec("nft", "-s", "list", "ruleset").stdout)
 
 
 def dockfence_table(lab: Lab) -> str:
     return str(lab.host_exec("nft", "-s", "list", "table", "inet", "dockfence").stdout)
 
 
-def probe(env: Env, names: list[str] | tuple[str, ...]) -> dict[str, bool]:
-    results = env.lab.probe_many([env.probes[n].spec() for n in names])
+def probe(env: Env, names: list[str] | tuple[str, ...],
+          want: dict[str, bool] | None = None) -> dict[str, bool]:
+    """Probe concurrently. With `want`, a probe that should get in and did not is retried
+    (lab.probe_many): a loaded machine is not a verdict; one that should be blocked is not."""
+    expected = [want[n] for n in names] if want is not None else None
+    results = env.lab.probe_many([env.probes[n].spec() for n in names], expect=expected)
     return dict(zip(names, results, strict=True))
 
 
@@ -343,7 +348,7 @@ def expect(env: Env, wanted: dict[str, bool]) -> None:
         "no baseline for these denied probes (they did not get in without a policy either, so "
         f"denying them proves nothing): {unproven}"
     )
-    got = probe(env, list(wanted))
+    got = probe(env, list(wanted), wanted)
     wrong = [
         f"{n} ({env.probes[n]}): expected {'in' if want else 'blocked'}, "
         f"got {'in' if got[n] else 'blocked'}"
@@ -353,14 +358,15 @@ def expect(env: Env, wanted: dict[str, bool]) -> None:
     assert not wrong, "probes disagree with the policy:\n  " + "\n  ".join(wrong)
 
 
-def wait_serving(env: Env, names: list[str], seconds: float = 10) -> None:
+def wait_serving(env: Env, names: list[str], seconds: float = 60) -> None:
     """Wait until these (allowed) probes get in: servers restarting, docker-proxy binding."""
     deadline = time.monotonic() + seconds
-    while not all(probe(env, names).values()) and time.monotonic() < deadline:
+    while not all(probe(env, names, dict.fromkeys(names, True)).values()) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
-def wait_host_reaches(lab: Lab, dst: str, port: int, seconds: float = 10) -> None:
+def wait_host_reaches(lab: Lab, dst: str, port: int, seconds: float = 60) -> None:
     """Wait until the Docker host itself (never filtered) connects to dst:port, so a blocked
     probe from outside cannot be a server that is still starting."""
     src = "::" if ":" in dst else "0.0.0.0"
@@ -375,9 +381,10 @@ def pick(*names: str) -> dict[str, bool]:
 
 
 def ping(lab: Lab, client: str, dst: str) -> bool:
+    """Every ping is expected to be answered: up to three tries, 5 s each, on a loaded host."""
     applet = "ping6" if ":" in dst else "ping"
-    proc = lab.ns_exec(client, "busybox", applet, "-c", "1", "-W", "1", dst, check=False)
-    return proc.returncode == 0
+    return any(lab.ns_exec(client, "busybox", applet, "-c", "1", "-W", "5", dst,
+                           check=False).returncode == 0 for _ in range(3))
 
 
 PINGS = {"v4": HOST_EXT0_V4, "v6": HOST_EXT0_V6, "v4_nic2": HOST_EXT1_V4}
@@ -443,16 +450,20 @@ def env(lab: Lab) -> Env:
     ips = {n: lab.container_ip(n) for n in ("django", "admin", "postgres", "v6web")}
     ips["v6web6"] = lab.container_ip("v6web", 6)
     e = Env(lab, docker28, policies, catalog(lab, ips), ips, bridge_of(lab, "v6net"))
-    # Nothing of dockfence's yet: the baseline. Retry briefly while the servers start.
+    # Nothing of dockfence's yet: the baseline. Poll while the servers start.
     assert lab.host_exec("nft", "list", "table", "inet", "dockfence", check=False).returncode
     names = list(e.probes)
-    for _ in range(10):
-        e.baseline = probe(e, names)
-        if all(ok for n, ok in e.baseline.items() if n not in DIRECT):
+    # every path gets in, except direct routing on Docker 28.5 (Docker drops it itself)
+    open_paths = {n: not (docker28 and n in DIRECT) for n in names}
+    deadline = time.monotonic() + 60
+    while True:
+        e.baseline = probe(e, names, open_paths)
+        if all(ok for n, ok in e.baseline.items() if n not in DIRECT) \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     e.pings = do_pings(lab)
-    e.pristine = ruleset(lab, stateless=True)
+    e.pristine = ruleset(lab)
     lab.timings["enforcement_setup"] = time.monotonic() - t0
     return e
 
@@ -566,7 +577,8 @@ def test_what_keeps_working(env: Env) -> None:
         "container address": (h, "0.0.0.0", env.ips["django"], 8080),
         "container v6 address": (h, "::", env.ips["v6web6"], 8080),
     }
-    got = dict(zip(own, lab.probe_many([(*p, "tcp", 3.0) for p in own.values()]), strict=True))
+    got = dict(zip(own, lab.probe_many([(*p, "tcp", 3.0) for p in own.values()],
+                                       expect=[True] * len(own)), strict=True))
     assert all(got.values()), got
 
     gateway = lab.inspect("admin")["NetworkSettings"]["Networks"]["bridge"]["Gateway"]
@@ -697,7 +709,8 @@ def test_explain_json_agrees_with_packets(env: Env) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(one, EXPLAIN_CASES))
-    packets = probe(env, [c[0] for c in EXPLAIN_CASES])
+    packets = probe(env, [c[0] for c in EXPLAIN_CASES],
+                    {c[0]: c[4] == "allow" for c in EXPLAIN_CASES})
     wrong = []
     for case, ans in zip(EXPLAIN_CASES, answers, strict=True):
         name, src, port, _, verdict, rule = case
@@ -795,7 +808,10 @@ def test_revocation_cuts_direct_routed_connections(env: Env) -> None:
     try:
         for who, src in (("office", CLIENT_V4), ("stranger", CLIENT_V4_ALT)):
             try:
-                conns[who] = lab.connect(lab.client_ns, src, ip, 5432, timeout=TIMEOUT)
+                # 20.10 routes it (a connection expected to open: the default, generous
+                # timeout); Docker 28.5 drops it (one honest attempt)
+                conns[who] = lab.connect(lab.client_ns, src, ip, 5432,
+                                         **({"timeout": TIMEOUT} if env.docker28 else {}))
             except OSError:
                 if not env.docker28:
                     raise
@@ -841,14 +857,15 @@ def test_revoked_connection_stays_cut_when_the_container_sends_first(env: Env) -
     conns = _connections(env, 5433)
     try:
         with ThreadPoolExecutor(len(conns)) as pool:
-            before = dict(zip(conns, pool.map(lambda c: _drain(c, 0.5), conns.values()),
+            before = dict(zip(conns, pool.map(lambda c: _drain(c, 2.0), conns.values()),
                               strict=True))
         assert all(b"tick" in b for b in before.values()), before
         out = apply(env, "main")
         assert re.search(r"Cut \d+ established connection", out), out
         with ThreadPoolExecutor(len(conns)) as pool:
             list(pool.map(lambda c: _drain(c, 0.5), conns.values()))  # what was in flight
-            after = dict(zip(conns, pool.map(lambda c: _drain(c, 1.2), conns.values()),
+            # 2.5 s: several ticks for the office even on a loaded machine
+            after = dict(zip(conns, pool.map(lambda c: _drain(c, 2.5), conns.values()),
                              strict=True))
         got = {k: b"tick" in v for k, v in after.items()}
         listing = env.lab.host_exec("conntrack", "-L", "-f", "ipv4", check=False).stdout
@@ -883,7 +900,7 @@ def test_no_gap_during_reapply(env: Env) -> None:
             stop.wait(pause)  # allowed probes return at once: keep conntrack small
 
     threads = [threading.Thread(target=loop, args=(n, 0.3, 0)) for n in denied for _ in range(2)]
-    threads += [threading.Thread(target=loop, args=(n, 3.0, 0.05)) for n in allowed]
+    threads += [threading.Thread(target=loop, args=(n, 5.0, 0.05)) for n in allowed]
     for t in threads:
         t.start()
     outputs = []
@@ -923,15 +940,15 @@ def test_remove_deletes_only_its_table(env: Env) -> None:
     assert proc.returncode == 0 and "Removed table inet dockfence" in proc.stdout, proc
     after = ruleset(env.lab)
     assert "dockfence" not in after
-    # Everything else byte for byte, counters included (nothing flowed in between) ...
+    # Every other table rule for rule (`nft -s`: counters move with every packet) ...
     assert after == _without_dockfence(before)
-    # ... and, counters aside (probes have run since), as before dockfence was first applied.
-    assert ruleset(env.lab, stateless=True) == env.pristine
+    # ... and as before dockfence was first applied.
+    assert after == env.pristine
     again = dockfence(env.lab, "remove")
     assert again.returncode == 0 and "Nothing to remove" in again.stdout
     # every baseline probe gets in again
     names = [n for n in env.probes if not (env.docker28 and n in DIRECT)]
-    got = probe(env, names)
+    got = probe(env, names, dict.fromkeys(names, True))
     assert all(got.values()), {n: ok for n, ok in got.items() if not ok}
 
 
@@ -988,7 +1005,7 @@ def test_direct_allowance_does_not_follow_an_address_to_another_container(env: E
         wait_host_reaches(lab, address, 8080)
         with_policy = lab.probe_many([office])[0]
         assert dockfence(lab, "remove").returncode == 0
-        baseline = lab.probe_many([office])[0]
+        baseline = lab.probe_many([office], expect=[not env.docker28])[0]
         if env.docker28:
             assert not with_policy and not baseline, DOCKER28_DIRECT
             pytest.skip(DOCKER28_DIRECT)
@@ -1023,7 +1040,7 @@ def test_port_published_after_apply(env: Env) -> None:
             status.stderr), status.stderr
         env.applied = None
         assert dockfence(lab, "remove").returncode == 0
-        baseline = probe(env, list(late))
+        baseline = probe(env, list(late), dict.fromkeys(late, True))
         assert baseline == dict.fromkeys(late, True), f"baseline without dockfence: {baseline}"
         assert got == dict.fromkeys(late, False), f"with the policy: {got}"
     finally:
@@ -1078,11 +1095,12 @@ def test_routed_mode_network(env: Env) -> None:
         stranger = (lab.client_ns, CLIENT_V6_ALT, address, 8080, "tcp", TIMEOUT)
         assert dockfence(lab, "remove").returncode == 0
         env.applied = None
-        assert lab.probe_many([office, stranger]) == [True, True], "baseline: routed, open"
+        assert lab.probe_many([office, stranger], expect=[True, True]) == [True, True], \
+            "baseline: routed, open"
 
         proc = dockfence(lab, "apply", "--policy", str(path))
         assert proc.returncode == 0, proc.stderr
-        assert lab.probe_many([office, stranger]) == [True, False]
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False]
         st = json.loads(dockfence(lab, "status", "--json").stdout)
         row = next(p for p in st["ports"] if p["container"] == "routed" and ":" not in p["host"]
                    and "IPv6" in p["host"])
@@ -1121,9 +1139,10 @@ def test_named_outside_interfaces(env: Env, outside: str) -> None:
     proc = dockfence(lab, "apply", "--policy", str(path))
     env.applied = None
     assert proc.returncode == 0, proc.stderr
-    got = probe(env, names)
-    assert got == {"django_v4_stranger": False, "django_v6_stranger": False,
-                   "django_v4_stranger_nic2": True, "django_v4_office": True}, got
+    want = {"django_v4_stranger": False, "django_v6_stranger": False,
+            "django_v4_stranger_nic2": True, "django_v4_office": True}
+    got = probe(env, names, want)
+    assert got == want, got
     ensure(env)  # back to "main": everything is outside again
     expect(env, pick("django_v4_stranger_nic2"))
 
@@ -1146,7 +1165,7 @@ def test_apply_confirm_rolls_back_unless_confirmed(env: Env) -> None:
     assert confirmed.returncode == 0, confirmed.stderr
     env.applied = "admin_open"
     assert dockfence_table(lab) != before
-    got = probe(env, ["admin_v4_office"])
+    got = probe(env, ["admin_v4_office"], {"admin_v4_office": True})
     assert got == {"admin_v4_office": True}, got
 
 
@@ -1167,7 +1186,7 @@ def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
         expect(env, pick("django_v4_office", "django_v4_stranger", "django_v6_stranger",
                          "django_v4_stranger_nic2"))
         newport = lab.probe_many([(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp",
-                                   TIMEOUT)])
+                                   TIMEOUT)], expect=[True])
         assert newport == [True], "a port first published on a new network: not gated yet"
         st = dockfence(lab, "status")
         assert bridge_of(lab, "latenet") in st.stderr and "appeared after the" in st.stderr, st
@@ -1221,15 +1240,16 @@ def test_container_label_grants_within_may_allow(env: Env) -> None:
     try:
         env.applied = None
         dockfence(lab, "remove")
-        deadline = time.monotonic() + 10
-        while lab.probe_many([office, stranger]) != [True, True] and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while lab.probe_many([office, stranger], expect=[True, True]) != [True, True] \
+                and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert lab.probe_many([office, stranger]) == [True, True], "baseline"
+        assert lab.probe_many([office, stranger], expect=[True, True]) == [True, True], "baseline"
         applied = dockfence(lab, "apply", "--policy", str(path))
         assert applied.returncode == 0, applied
         assert "container labelled: label 'dockfence.allow.8080/tcp'" in applied.stderr
         assert "'203.0.113.100': more than may_allow" in applied.stderr, applied.stderr
-        assert lab.probe_many([office, stranger]) == [True, False]
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False]
         why = dockfence(lab, "explain", CLIENT_V4, "8087", "--policy", str(path))
         assert "ALLOWED" in why.stdout and "label on labelled" in why.stdout, why
     finally:
@@ -1273,12 +1293,12 @@ def fail2ban_client(lab: Lab, d: Path, *args: str) -> Any:
 
 
 def wait_probes(lab: Lab, probes: list[tuple[Any, ...]], want: list[bool],
-                seconds: float = 30) -> list[bool]:
+                seconds: float = 60) -> list[bool]:
     deadline = time.monotonic() + seconds
-    got = lab.probe_many(probes)
+    got = lab.probe_many(probes, expect=want)
     while got != want and time.monotonic() < deadline:
         time.sleep(0.3)
-        got = lab.probe_many(probes)
+        got = lab.probe_many(probes, expect=want)
     return got
 
 
@@ -1318,7 +1338,7 @@ def test_fail2ban_bans_through_dockfence_on_a_public_port(env: Env) -> None:
         # a re-apply rebuilds the table: the ban is carried over
         apply(env, "main")
         assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
-        assert lab.probe_many([office, stranger]) == [True, False]
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False]
         unban = fail2ban_client(lab, d, "set", "lab", "unbanip", "203.0.113.100")
         assert unban.returncode == 0, unban
         assert wait_probes(lab, [office, stranger], [True, True]) == [True, True]

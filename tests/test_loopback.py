@@ -74,14 +74,16 @@ class Env:
 def dockfence(lab: Lab, *args: str) -> Any:
     """The real CLI on the sandboxed host, from this checkout."""
     return lab.host_exec(sys.executable, "-m", "dockfence", *args, check=False,
-                         env={"PYTHONPATH": str(REPO), "SSH_CONNECTION": "", "COLUMNS": "200"},
+                         env={"PYTHONPATH": str(REPO), "SSH_CONNECTION": "", "COLUMNS": "200",
+                              "DOCKFENCE_STATE_DIR": str(lab.base / "state")},
                          timeout=120)
 
 
 def warm_neighbours(lab: Lab) -> None:
     """An ordinary connection from the host to the client: the host knows the client's MAC,
     or an answer to the crafted SYN would wait for neighbour resolution and never leave."""
-    assert lab.probe(lab.host_ns, HOST_EXT0_V4, CLIENT_V4, WARM_PORT, timeout=3.0)
+    assert lab.probe_many([(lab.host_ns, HOST_EXT0_V4, CLIENT_V4, WARM_PORT, "tcp", 3.0)],
+                          expect=[True]) == [True]
 
 
 def crafted_syn(env: Env, port: int, timeout: float = 1.0) -> str | None:
@@ -111,12 +113,21 @@ def crafted_syn(env: Env, port: int, timeout: float = 1.0) -> str | None:
         sock.close()
 
 
-def crafted(env: Env) -> dict[str, str | None]:
-    """Every probe at once (each filters its own answers by source port)."""
+def crafted(env: Env, answered: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Every probe at once (each filters its own answers by source port). The probes named in
+    `answered` are expected to be answered: unanswered, they are tried again with a longer
+    timeout (a loaded machine is not a verdict); the others get one honest attempt."""
     warm_neighbours(env.lab)
     with ThreadPoolExecutor(len(PROBES)) as pool:
-        return dict(zip(PROBES, pool.map(lambda p: crafted_syn(env, p), PROBES.values()),
-                        strict=True))
+        got = dict(zip(PROBES, pool.map(lambda p: crafted_syn(env, p), PROBES.values()),
+                       strict=True))
+        for _ in range(2):
+            again = [n for n in answered if got[n] is None]
+            if not again:
+                break
+            got.update(zip(again, pool.map(lambda n: crafted_syn(env, PROBES[n], 5.0), again),
+                           strict=True))
+    return got
 
 
 def _exec(lab: Lab, container: str, script: str) -> str:
@@ -128,7 +139,8 @@ def what_keeps_working(env: Env) -> dict[str, bool]:
     lab, h = env.lab, env.lab.host_ns
     own = {f"host -> 127.0.0.1:{p} ({name})": (h, "127.0.0.1", "127.0.0.1", p, "tcp", 3.0)
            for name, p in PROBES.items()}
-    got = dict(zip(own, lab.probe_many(list(own.values())), strict=True))
+    got = dict(zip(own, lab.probe_many(list(own.values()), expect=[True] * len(own)),
+                   strict=True))
     get = f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 3 {HOST_EXT0_V4} 8081'
     for container in ("loop", "web"):  # another container, and web reaching itself
         got[f"{container} -> {HOST_EXT0_V4}:8081 (hairpin)"] = PAGE in _exec(lab, container, get)
@@ -152,10 +164,11 @@ def env(request: pytest.FixtureRequest, lab_factory: LabFactory,
             paths[name] = str(directory / f"{name}.yaml")
             Path(paths[name]).write_text(text)
         e = Env(lab, flavour == "docker28", proxy == "proxy", mac, paths, {})
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not all(what_keeps_working(e).values()):  # the servers are up
             assert time.monotonic() < deadline, what_keeps_working(e)
-        e.baseline = crafted(e)
+        # answered without dockfence: web everywhere, loop unless Docker 28 drops it itself
+        e.baseline = crafted(e, answered=("web",) if e.docker28 else ("loop", "web"))
         yield e
     finally:
         lab.stop()
@@ -186,7 +199,10 @@ def test_loopback_destination_never_answers(env: Env, policy: str) -> None:
                                 env.policies[policy], "203.0.113.20", "5432", "--to",
                                 "127.0.0.1")
         assert crafted(env) == dict.fromkeys(PROBES), f"{policy}: crafted SYN answered"
-        kept = what_keeps_working(env)
+        for _ in range(3):  # all expected to work: a loaded machine gets another try
+            kept = what_keeps_working(env)
+            if all(kept.values()):
+                break
         assert all(kept.values()), kept
     st = json.loads(status.result().stdout)
     (loop,) = [p for p in st["ports"] if p["container"] == "loop"]
@@ -204,7 +220,9 @@ def test_loopback_destination_never_answers(env: Env, policy: str) -> None:
             planned = pool.submit(dockfence, env.lab, "plan", "--json", "--policy",
                                   env.policies[policy])
             loop_gets_in = policy == "allow" and not env.docker28
-            assert crafted(env) == {"loop": "SA" if loop_gets_in else None, "web": "SA"}
+            answered = ("loop", "web") if loop_gets_in else ("web",)
+            assert crafted(env, answered) == {"loop": "SA" if loop_gets_in else None,
+                                              "web": "SA"}
         (change,) = [c for c in json.loads(planned.result().stdout)["changes"]
                      if c["kind"] != "keep"]
         assert (change["subject"], change["before"], change["after"]) == (
