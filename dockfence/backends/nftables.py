@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .. import addresses
 from ..errors import OperationalError
 from ..model import (
     IFNAME_RE,
@@ -27,12 +28,10 @@ from ..model import (
     DirectGate,
     Gate,
     HostRules,
-    IPNetwork,
     PortRange,
     Ruleset,
     Sources,
     Verdict,
-    show_network,
 )
 from ..run import run
 from ..stamp import Stamp
@@ -78,10 +77,10 @@ class _Renderer:
             name = f"allow_{len(self.chains)}"
             self.chains[sources] = name
             body = []
-            for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
-                if nets:
-                    sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
-                    elements = ", ".join(show_network(n) for n in nets)
+            for fam, version, blocks in (("ip", 4, sources.v4), ("ip6", 6, sources.v6)):
+                if blocks:
+                    sname = f"{name}_v{version}"
+                    elements = ", ".join(addresses.show_all(version, blocks))
                     self.lines += [
                         f"\tset {sname} {{",
                         f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
@@ -282,18 +281,20 @@ def apply_text(text: str) -> None:
 
 # --- parsing the live table back into a ruleset ------------------------------------------------
 
-def _elem_networks(elem: Any) -> list[IPNetwork]:
+def _elem_blocks(version: int, elem: Any, out: list[int]) -> None:
+    """Append the blocks of one listed interval-set element (an address, a prefix, a range)."""
     if isinstance(elem, str):
-        return [ipaddress.ip_network(elem)]
-    if "prefix" in elem:
+        out.append(addresses.parse(elem)[1])
+    elif "prefix" in elem:
         p = elem["prefix"]
-        return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
-    if "range" in elem:
-        lo, hi = (ipaddress.ip_address(a) for a in elem["range"])
-        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
-    if "elem" in elem:
-        return _elem_networks(elem["elem"]["val"])
-    raise OperationalError(f"unexpected set element in live table: {elem!r}")
+        out.append(addresses.parse(p["addr"])[1] >> 8 << 8 | int(p["len"]))
+    elif "range" in elem:
+        first, last = (addresses.parse(a)[1] >> 8 for a in elem["range"])
+        out += addresses.of_range(version, first, last)
+    elif "elem" in elem:
+        _elem_blocks(version, elem["elem"]["val"], out)
+    else:
+        raise OperationalError(f"unexpected set element in live table: {elem!r}")
 
 
 def _ports(val: Any) -> PortRange:
@@ -318,14 +319,22 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
-    sets: dict[str, list[IPNetwork]] = {}
+    sets: dict[str, tuple[int, ...]] = {}
     set_names: dict[str, tuple[str, ...]] = {}
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
         if "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
-            sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
+            version = 6 if s.get("type") == "ipv6_addr" else 4
+            blocks: list[int] = []
+            for e in s.get("elem", []):
+                _elem_blocks(version, e, blocks)
+            # What dockfence wrote was collapsed already and nft lists it in order; sorting
+            # (integers: cheap, and a no-op on sorted input) makes a hand-edited set compare
+            # as a set too.
+            blocks.sort()
+            sets[s["name"]] = tuple(blocks)
             if s.get("comment"):
                 set_names[s["name"]] = tuple(s["comment"].split(", "))
         elif "map" in obj:
@@ -339,11 +348,9 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         if "drop" in verdict:
             return Sources()
         target = (verdict.get("jump") or verdict.get("goto") or {}).get("target", "")
-        v4, v6 = sets.get(f"{target}_v4", []), sets.get(f"{target}_v6", [])
-        # What dockfence wrote was collapsed already and nft lists it in order: sorting is
-        # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
+        v4, v6 = sets.get(f"{target}_v4", ()), sets.get(f"{target}_v6", ())
         names = set_names.get(f"{target}_v4") or set_names.get(f"{target}_v6") or ()
-        return Sources(networks=(*sorted(v4), *sorted(v6)), names=names)  # type: ignore[type-var]
+        return Sources(v4=v4, v6=v6, names=names)
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
