@@ -15,23 +15,50 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from . import engine, policy
 from .errors import DockfenceError
-from .explain import explain as explain_verdict
-from .explain import parse_port_arg
-from .plan import Change
+
+# Every command imports what it needs when it runs: `--help` and `check` never load the rule
+# engine or rich, and only commands that ask Docker load the Docker client.
+if TYPE_CHECKING:
+    from . import engine
+    from .plan import Change
 
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
-# Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
-out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use (rich costs ~25 ms of imports)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            options = dict(self._options)
+            if not options.pop("stderr", False):
+                # Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
+                options.setdefault("width", None if sys.stdout.isatty() else 160)
+            else:
+                options["stderr"] = True
+            self._console = Console(**options)
+        return getattr(self._console, name)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+out = _LazyConsole(highlight=False, emoji=False)
+err = _LazyConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,6 +100,8 @@ def main() -> None:
 @_errors
 def check(policy_path: str) -> None:
     """Validate the policy file; print OK."""
+    from . import policy
+
     policy.load(policy_path)
     click.echo("OK")
 
@@ -121,6 +150,8 @@ def _show_plan(plan: engine.Plan, verbose: bool) -> None:
 @_errors
 def plan_cmd(policy_path: str, as_json: bool, verbose: bool) -> None:
     """Show what apply would change against the live kernel state; change nothing."""
+    from . import engine
+
     plan = engine.make_plan(policy_path)
     if as_json:
         _emit_json({"unchanged": plan.unchanged, "installed": plan.live is not None,
@@ -147,11 +178,17 @@ def _ask(seconds: int) -> Callable[[], bool]:
 @click.option("--confirm", "confirm_seconds", type=click.IntRange(1, 3600), metavar="SECONDS",
               help="Keep the new rules only if you confirm within SECONDS (type yes); "
               "otherwise roll back. For remote sessions, like iptables-apply.")
+@click.option("--full", is_flag=True,
+              help="Read the whole live table back instead of trusting its stamp (rewrites a "
+              "table edited by hand).")
 @_errors
-def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
+def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool) -> None:
     """Make the host match the policy, as one atomic transaction."""
+    from . import engine
+
     plan, cut = engine.apply(policy_path, force=force,
-                             confirm=_ask(confirm_seconds) if confirm_seconds else None)
+                             confirm=_ask(confirm_seconds) if confirm_seconds else None,
+                             full=full)
     _warn(plan.warnings)
     if plan.unchanged:
         out.print("[green]No changes.[/] The live rules already match the policy.")
@@ -170,6 +207,8 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
 def watch(policy_path: str, interval: float) -> None:
     """Keep the rules right while containers and networks come and go: apply now, then again on
     every relevant Docker event or policy edit. Stop with Ctrl-C (the rules stay)."""
+    from . import engine, policy
+
     policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
 
     def report(line: str) -> None:
@@ -187,6 +226,10 @@ def watch(policy_path: str, interval: float) -> None:
 @_errors
 def status(as_json: bool) -> None:
     """What is enforced now: every published port and who may reach it."""
+    from rich.table import Table
+
+    from . import engine
+
     st = engine.status()
     if as_json:
         _emit_json({"installed": st.installed, "firewall_backend": st.firewall_backend,
@@ -228,6 +271,10 @@ def status(as_json: bool) -> None:
 @_errors
 def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_json: bool) -> None:
     """Would SOURCE get through to PORT[/PROTO]? The verdict and the policy line that decided."""
+    from . import engine
+    from .explain import explain as explain_verdict
+    from .explain import parse_port_arg
+
     try:
         src = ipaddress.ip_address(source)
         dst = ipaddress.ip_address(to) if to else None
@@ -236,7 +283,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         raise click.BadParameter(str(exc)) from None
     pol, inv, rs = engine.desired_state(policy_path)
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
-    applied, in_force = engine.enforced(rs)
+    applied, in_force = engine.enforced(pol, inv)
     if as_json:
         _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
                     "in_force": in_force})
@@ -260,6 +307,8 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
 @_errors
 def remove() -> None:
     """Delete everything dockfence installed (and nothing else)."""
+    from . import engine
+
     if engine.remove():
         out.print("Removed table inet dockfence.")
     else:

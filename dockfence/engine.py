@@ -11,15 +11,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from . import discovery, policy
+from . import discovery, listfiles, record
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
-from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
+from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate
 from .plan import Change, diff
 from .run import run
+from .stamp import Stamp, inventory_digest
+
+if TYPE_CHECKING:  # the policy validator (pydantic) loads only when a policy is parsed
+    from . import policy
 
 
 class LockoutError(UsageError):
@@ -41,21 +46,28 @@ def host_lock() -> Iterator[None]:
 
 @dataclass
 class Plan:
-    policy: policy.Policy
+    policy: policy.Policy | None  # None: nothing changed, so the policy was not even parsed
     inventory: Inventory
-    desired: Ruleset
+    desired: Ruleset | None  # None with policy
     live: Ruleset | None
     changes: list[Change]
-    unchanged: bool  # the live table is byte-for-byte what apply would write
-    table: str  # `desired` rendered for nft
-    desired_canonical: str  # how the kernel lists `desired`
+    unchanged: bool  # the live table enforces and says exactly what apply would write
+    table: str  # `desired` rendered for nft ("" when unchanged was told by the stamp)
+    stamp: Stamp  # what the table carries once applied
     warnings: list[str] = field(default_factory=list)
 
 
-def desired_state(policy_path: str) -> tuple[policy.Policy, Inventory, Ruleset]:
+def desired_state(policy_path: str, inv: Inventory | None = None,
+                  ) -> tuple[policy.Policy, Inventory, Ruleset]:
+    from . import policy
+
     pol = policy.load(policy_path)
-    inv = discovery.inventory()
+    inv = discovery.inventory() if inv is None else inv
     return pol, inv, compile_policy(pol, inv)
+
+
+def stamp_of(pol: policy.Policy, inv: Inventory) -> Stamp:
+    return Stamp(pol.digest, inventory_digest(inv))
 
 
 def live_rules() -> Ruleset | None:
@@ -64,22 +76,24 @@ def live_rules() -> Ruleset | None:
     return None if doc is None else nft.parse_live(doc)
 
 
-def enforced(rs: Ruleset) -> tuple[bool, bool]:
-    """(dockfence is applied, the live table is exactly `rs`), without reading it back."""
-    live = nft.canonical(nft.live_json())
-    return live is not None, live is not None and live == nft.canonical_of(nft.render(rs))
+def enforced(pol: policy.Policy, inv: Inventory) -> tuple[bool, bool]:
+    """(dockfence is applied, the live table was made from this policy and inventory), told by
+    the table's stamp without reading the table."""
+    exists, live = nft.read_stamp()
+    return exists, live == stamp_of(pol, inv)
 
 
 def make_plan(policy_path: str) -> Plan:
+    """What apply would change, against the whole live table read back (exact: a table edited
+    by hand shows, whatever its stamp says)."""
     pol, inv, desired = desired_state(policy_path)
-    table = nft.render(desired)
-    desired_canon = nft.canonical_of(table)  # the kernel's own check, before anything changes
+    st = stamp_of(pol, inv)
+    table = nft.render(desired, st)
     doc = nft.live_json()
-    live_canon = nft.canonical(doc)
-    unchanged = live_canon == desired_canon
-    # reading the live table back costs time on long lists: skip it when it is ours already
-    live = desired if unchanged else nft.parse_live(doc) if doc is not None else None
-    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, desired_canon,
+    live = nft.parse_live(doc) if doc is not None else None
+    unchanged = (live is not None and nft.same_table(live, desired)
+                 and nft.same_structure(doc, table))  # type: ignore[arg-type]
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
                 list(desired.warnings))
 
 
@@ -87,36 +101,85 @@ class RolledBack(OperationalError):
     """The new rules were not confirmed in time; the previous ones are back."""
 
 
-def apply(policy_path: str, force: bool = False,
-          confirm: Callable[[], bool] | None = None) -> tuple[Plan, int]:
+def _unchanged_by_stamp(policy_path: str) -> tuple[Plan | None, Inventory | None]:
+    """The no-op answer in constant time: the digests of the policy's files and of Docker's
+    inventory equal the live table's stamp, and the last apply recorded its warnings. Nothing
+    is parsed, compiled, rendered or read back. (None, inventory) when that cannot be told."""
+    digest = listfiles.inputs_digest(policy_path)
+    if digest is None:
+        return None, None
+    inv = discovery.inventory()
+    st = Stamp(digest, inventory_digest(inv))
+    if nft.live_stamp() != st:
+        return None, inv
+    warnings = record.warnings(st)
+    if warnings is None:
+        return None, inv
+    return Plan(None, inv, None, None, [], True, "", st, warnings), inv
+
+
+def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
+          full: bool = False) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
+
+    Unless `full`, a table whose stamp says it was made from these very inputs is trusted, and
+    so is the record of what the last apply wrote: nothing big is read back. `full` reads the
+    live table as plan does (a table edited by hand is rewritten).
 
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
     with host_lock():
-        plan = make_plan(policy_path)
-        risk = None if force else lockout(plan.desired, plan.inventory,
-                                          os.environ.get("SSH_CONNECTION"))
+        ssh = None if force else os.environ.get("SSH_CONNECTION")
+        inv = None
+        if not full and not ssh:  # over SSH the lockout check needs the compiled rules
+            quick, inv = _unchanged_by_stamp(policy_path)
+            if quick is not None:
+                return quick, 0
+        pol, inv, desired = desired_state(policy_path, inv)
+        risk = lockout(desired, inv, ssh)
         if risk:
             raise LockoutError(risk)
-        if plan.unchanged:
+        st = stamp_of(pol, inv)
+        exists, live_st = nft.read_stamp()
+        live = record.ruleset(live_st) if exists and live_st and not full else None
+        doc = None
+        if exists and live is None:
+            doc = nft.live_json()
+            live = nft.parse_live(doc) if doc is not None else None
+        table = nft.render(desired, st)
+        unchanged = live is not None and nft.same_table(live, desired) and (
+            doc is None or nft.same_structure(doc, table))
+        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
+                    list(desired.warnings))
+        if unchanged:
+            if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
+                nft.apply_text(nft.stamp_update(st))
+            record.save(st, desired)
             return plan, 0
-        previous = nft.live_text()
-        nft.apply_text(nft.transaction(plan.table))
-        if nft.canonical(nft.live_json()) != plan.desired_canonical:
-            _restore(previous)
+        previous = nft.live_text() if confirm is not None and exists else None
+        load(table)
+        if nft.live_stamp() != st:
+            _restore(previous if confirm is not None or live is None else
+                     nft.render(live, live_st), exists)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
+        record.save(st, desired)
         if confirm is not None and not confirm():
-            _restore(previous)
+            _restore(previous, exists)
             raise RolledBack("not confirmed: the previous rules were restored")
-        return plan, revoke(plan.live, plan.desired, plan.inventory)
+        return plan, revoke(live, desired, inv)
 
 
-def _restore(previous: str | None) -> None:
-    if previous is None:
+def load(table: str) -> None:
+    """The one place a whole table is handed to the kernel: one atomic transaction."""
+    nft.apply_text(nft.transaction(table))
+
+
+def _restore(previous: str | None, existed: bool) -> None:
+    record.forget()
+    if previous is None or not existed:
         nft.apply_text(nft.removal())
     else:
         nft.apply_text(nft.removal() + previous)
@@ -124,7 +187,8 @@ def _restore(previous: str | None) -> None:
 
 def remove() -> bool:
     with host_lock():
-        if nft.live_json() is None:
+        record.forget()
+        if not nft.read_stamp()[0]:
             return False
         nft.apply_text(nft.removal())
         return True
@@ -256,7 +320,7 @@ class PortStatus:
 
 
 def _networks(sources: Sources) -> list[str]:
-    return ["any"] if sources.any else [show_network(n) for n in sources.networks]
+    return ["any"] if sources.any else sources.texts()
 
 
 @dataclass

@@ -219,17 +219,32 @@ def stamp_update(stamp: Stamp) -> str:
             f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment {comment(stamp.text())} }}\n")
 
 
-def live_stamp() -> Stamp | None:
-    """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
-    dockfence is not applied or the table carries no valid stamp."""
+def read_stamp() -> tuple[bool, Stamp | None]:
+    """(the table exists, its stamp or None), from one small set: cheap whatever the lists hold."""
     proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
     if proc.returncode != 0:
-        return None
-    for obj in json.loads(proc.stdout).get("nftables", []):
-        for elem in obj.get("set", {}).get("elem", []):
+        # no such set: no table at all, or a table too old to carry one
+        exists = run(["nft", "list", "tables", FAMILY], check=False).stdout
+        return f"table {FAMILY} {TABLE}" in exists.splitlines(), None
+    return True, stamp_in(json.loads(proc.stdout))
+
+
+def stamp_in(doc: dict[str, Any]) -> Stamp | None:
+    """The stamp of a listing that holds the stamp set, or None."""
+    for obj in doc.get("nftables", []):
+        s = obj.get("set", {})
+        if s.get("name") != STAMP_SET:
+            continue
+        for elem in s.get("elem", []):
             if isinstance(elem, dict) and "elem" in elem:
                 return Stamp.parse(elem["elem"].get("comment", ""))
     return None
+
+
+def live_stamp() -> Stamp | None:
+    """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
+    dockfence is not applied or the table carries no valid stamp."""
+    return read_stamp()[1]
 
 
 def removal() -> str:
@@ -253,26 +268,61 @@ def live_text() -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def canonical(doc: dict[str, Any] | None) -> str | None:
-    """A listing with kernel handles and version info stripped, for exact comparisons."""
+def canonical(doc: dict[str, Any] | None, elements: bool = True) -> str | None:
+    """A listing with kernel handles and version info stripped, for exact comparisons; without
+    the elements of sets and maps when `elements` is False (the table's structure)."""
     if doc is None:
         return None
 
+    drop = {"handle"} if elements else {"handle", "elem"}
     items = []
     for obj in doc.get("nftables", []):
         # handles sit on the table, set, map, chain and rule objects themselves, never deeper
-        items.append({kind: {k: v for k, v in body.items() if k != "handle"}
+        items.append({kind: {k: v for k, v in body.items() if k not in drop}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
 
-def canonical_of(table: str) -> str:
+def canonical_of(table: str, elements: bool = True) -> str:
     """How the kernel lists a rendered table: loaded into a throwaway network namespace and
-    listed back, so that "unchanged" means byte-for-byte what the live kernel would show. The
-    load is also the check: if the kernel refuses the table there, nothing live was touched."""
+    listed back. With `elements` False only the structure is loaded: cheap at any list size."""
+    if not elements:
+        table = "".join(line for line in table.splitlines(keepends=True)
+                        if not line.startswith("\t\telements = {"))
     script = f'nft -f - && nft -j -s list table {FAMILY} {TABLE}'
     proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table)
-    return canonical(json.loads(proc.stdout)) or ""
+    return canonical(json.loads(proc.stdout), elements) or ""
+
+
+def same_structure(doc: dict[str, Any], table: str) -> bool:
+    """Has the live table (a listing) exactly the chains, rules and declarations of `table`
+    (what render() made)? Elements are compared by same_table(), on parsed rulesets."""
+    return canonical(doc, elements=False) == canonical_of(table, elements=False)
+
+
+def _listed(rs: Ruleset) -> tuple[Any, ...]:
+    """Everything render() writes of a ruleset, with text as its comments carry it (made safe,
+    cut at 127 characters), so a ruleset parsed back from the kernel compares equal to the one
+    that was rendered."""
+    def src(s: Sources) -> tuple[Any, ...]:
+        named = s.names and not s.any and not s.nobody
+        return s.any, s.v4, s.v6, comment(", ".join(s.names)) if named else None
+
+    def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
+        return tuple((g.proto, g.ports, src(g.sources), comment(g.label, g.origin)) for g in gs)
+
+    return (gates(rs.container_gates), rs.unknown_published,
+            comment(TAG_UNKNOWN, rs.unknown_origin), rs.outside, tuple(sorted(rs.docker_bridges)),
+            tuple((d.address, d.proto, d.port, src(d.sources), comment(d.label, d.origin))
+                  for d in rs.direct),
+            None if rs.host is None else (gates(rs.host.gates), rs.host.default,
+                                          comment(TAG_HOST, rs.host.origin)))
+
+
+def same_table(live: Ruleset, desired: Ruleset) -> bool:
+    """Would render() write the same table (but for the stamp) for both rulesets? `live` is
+    parse_live()'s or a record's; the lists compare as sorted integer tuples, in C."""
+    return _listed(live) == _listed(desired)
 
 
 def apply_text(text: str) -> None:
