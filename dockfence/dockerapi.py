@@ -37,6 +37,7 @@ class Client:
         self._prefix = ""
         self._connect()
         ping = self._request("/_ping")
+        ping.read()  # the body ("OK") must leave the connection before the next answer
         version = ping.headers.get("api-version", "")
         # the daemon's version, as the SDK negotiates it; unversioned paths mean the same
         self._prefix = f"/v{version}" if version.replace(".", "").isdigit() else ""
