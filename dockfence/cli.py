@@ -80,8 +80,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 def _warn(warnings: list[str]) -> None:
+    # click, not rich: a no-op apply prints only this and must not pay for rich's imports
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", markup=True)
+        click.echo(click.style("warning:", fg="yellow") + f" {w}", err=True)
+
+
+def _no_changes() -> None:
+    click.echo(click.style("No changes.", fg="green") +
+               " The live rules already match the policy.")
 
 
 def _emit_json(data: object) -> None:
@@ -191,7 +197,7 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool
                              full=full)
     _warn(plan.warnings)
     if plan.unchanged:
-        out.print("[green]No changes.[/] The live rules already match the policy.")
+        _no_changes()
         return
     _show_plan(plan, verbose=False)
     changed = sum(c.kind != "keep" for c in plan.changes)

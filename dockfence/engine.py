@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 from . import discovery, listfiles, record
 from .backends import nftables as nft
-from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
-from .explain import explain
 from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate
-from .plan import Change, diff
 from .run import run
 from .stamp import Stamp, inventory_digest
 
-if TYPE_CHECKING:  # the policy validator (pydantic) loads only when a policy is parsed
+# The no-op apply needs none of the policy validator (pydantic), compiler, explainer or diff:
+# they load when a policy is parsed.
+if TYPE_CHECKING:
     from . import policy
+    from .plan import Change
 
 
 class LockoutError(UsageError):
@@ -60,6 +60,7 @@ class Plan:
 def desired_state(policy_path: str, inv: Inventory | None = None,
                   ) -> tuple[policy.Policy, Inventory, Ruleset]:
     from . import policy
+    from .compile import compile_policy
 
     pol = policy.load(policy_path)
     inv = discovery.inventory() if inv is None else inv
@@ -86,6 +87,8 @@ def enforced(pol: policy.Policy, inv: Inventory) -> tuple[bool, bool]:
 def make_plan(policy_path: str) -> Plan:
     """What apply would change, against the whole live table read back (exact: a table edited
     by hand shows, whatever its stamp says)."""
+    from .plan import diff
+
     pol, inv, desired = desired_state(policy_path)
     st = stamp_of(pol, inv)
     table = nft.render(desired, st)
@@ -137,6 +140,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
             quick, inv = _unchanged_by_stamp(policy_path)
             if quick is not None:
                 return quick, 0
+        from .plan import diff
+
         pol, inv, desired = desired_state(policy_path, inv)
         risk = lockout(desired, inv, ssh)
         if risk:
@@ -235,6 +240,8 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
     """Flows from outside to containers (through a published port or routed straight to a
     container address) that the old rules, or no rules, let in and the new ones deny. Flows to
     the host's own ports are never cut: that could be the operator's own session."""
+    from .explain import explain
+
     containers = {a for c in inv.containers for a in c.addresses}
     inside = local | containers
     decided: dict[tuple[str, str, str, int], bool] = {}
@@ -295,6 +302,8 @@ def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | No
     established flows survive, but the next login would not."""
     if not ssh_connection:
         return None
+    from .explain import explain
+
     try:
         client, _, server, port = ssh_connection.split()
         verdict = explain(rs, inv, ipaddress.ip_address(client), int(port), "tcp",
