@@ -14,6 +14,7 @@ import operator
 import socket
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import compress, repeat
 
 BITS = {4: 32, 6: 128}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -63,6 +64,67 @@ def parse(text: str) -> tuple[int, int]:
     return net.version, int(net.network_address) << 8 | net.prefixlen
 
 
+class BadEntry(ValueError):
+    """Entry `index` of a parse_many() batch is not an address or CIDR (str: why)."""
+
+    def __init__(self, index: int, text: str, message: str) -> None:
+        self.index, self.text = index, text
+        super().__init__(message)
+
+
+class _Slow(Exception):
+    """Something in the batch needs parse()'s care (an error to phrase, an odd spelling)."""
+
+
+def parse_many(texts: list[str]) -> tuple[list[int], list[int]]:
+    """The (IPv4, IPv6) blocks of many entries, as parse() would make them one by one, but with
+    the per-entry work done by C loops (map): a million entries in about a second. BadEntry
+    says which entry is wrong, in parse()'s words."""
+    try:
+        return _parse_many_fast(texts)
+    except _Slow:
+        pass
+    out: tuple[list[int], list[int]] = ([], [])
+    for i, text in enumerate(texts):
+        try:
+            version, b = parse(text)
+        except ValueError as exc:
+            raise BadEntry(i, text, str(exc)) from None
+        out[version == 6].append(b)
+    return out
+
+
+def _parse_many_fast(texts: list[str]) -> tuple[list[int], list[int]]:
+    six = list(map(operator.contains, texts, repeat(":")))
+    out = []
+    for version, family in ((4, compress(texts, map(operator.not_, six))),
+                            (6, compress(texts, six))):
+        bits = BITS[version]
+        parts = list(map(str.partition, family, repeat("/")))
+        tails = list(map(operator.itemgetter(1, 2), parts))  # ("", "") or ("/", length)
+        lengths = {}
+        for tail in set(tails):  # a handful of distinct prefix lengths, checked once each
+            slash, p = tail
+            if not slash:
+                lengths[tail] = bits
+            elif p.isascii() and p.isdigit() and (p == "0" or p[0] != "0") and int(p) <= bits:
+                lengths[tail] = int(p)
+            else:
+                raise _Slow
+        try:
+            packed = list(map(socket.inet_pton, repeat(_AF[version]),
+                              map(operator.itemgetter(0), parts)))
+        except (OSError, ValueError):
+            raise _Slow from None
+        starts = list(map(int.from_bytes, packed, repeat("big")))
+        lens = list(map(lengths.__getitem__, tails))
+        hostmask = {n: (1 << (bits - n)) - 1 for n in lengths.values()}
+        if any(map(operator.and_, starts, map(hostmask.__getitem__, lens))):
+            raise _Slow  # host bits set: parse() says which entry and what it meant
+        out.append(list(map(operator.or_, map(operator.lshift, starts, repeat(8)), lens)))
+    return out[0], out[1]
+
+
 def of_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     return int(net.network_address) << 8 | net.prefixlen
 
@@ -86,8 +148,19 @@ def show(version: int, b: int) -> str:
     return text if p == BITS[version] else f"{text}/{p}"
 
 
-def show_all(version: int, blocks: Iterable[int]) -> list[str]:
-    return [show(version, b) for b in blocks]
+def show_all(version: int, blocks: Sequence[int]) -> list[str]:
+    """show() of many blocks, the per-block work in C loops (map)."""
+    if not blocks:
+        return []
+    bits = BITS[version]
+    starts = list(map(operator.rshift, blocks, repeat(8)))
+    if version == 6 and min(starts) < 1 << 48:  # the rare spellings show() writes specially
+        return [show(version, b) for b in blocks]
+    texts = list(map(socket.inet_ntop, repeat(_AF[version]),
+                     map(int.to_bytes, starts, repeat(bits // 8), repeat("big"))))
+    full = block(0, bits) & 0xFF
+    return [t if b & 0xFF == full else f"{t}/{b & 0xFF}" for t, b in zip(texts, blocks,
+                                                                         strict=True)]
 
 
 def collapse(version: int, blocks: Iterable[int]) -> tuple[int, ...]:

@@ -48,19 +48,14 @@ def parse(lf: ListFile, data: bytes) -> tuple[list[int], list[int]]:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise PolicyError(lf.shown, line, "not UTF-8 text") from None
-    v4: list[int] = []
-    v6: list[int] = []
-    parse_entry = addresses.parse
-    for number, raw in enumerate(text.splitlines(), 1):
-        entry = (raw.partition("#")[0] if "#" in raw else raw).strip()
-        if not entry:
-            continue
-        try:
-            version, b = parse_entry(entry)
-        except ValueError as exc:
-            raise PolicyError(lf.shown, number, str(exc), entry) from None
-        (v4 if version == 4 else v6).append(b)
-    return v4, v6
+    lines = text.splitlines()
+    cleaned = [line.partition("#")[0].strip() for line in lines] if "#" in text \
+        else list(map(str.strip, lines))
+    numbers = [i for i, entry in enumerate(cleaned, 1) if entry]
+    try:
+        return addresses.parse_many([cleaned[i - 1] for i in numbers])
+    except addresses.BadEntry as exc:
+        raise PolicyError(lf.shown, numbers[exc.index], str(exc), exc.text) from None
 
 
 def policy_digest(policy_path: str, text: str, lists: list[tuple[ListFile, bytes]]) -> str:

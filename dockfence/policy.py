@@ -193,16 +193,11 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str, text: str = "
             labels[name] = lf.label()
             files.append((lf, data))
             continue
-        v4: list[int] = []
-        v6: list[int] = []
-        for i, entry in enumerate(entries):
-            try:
-                version, b = addresses.parse(str(entry))
-            except ValueError as exc:
-                line = doc.line(("lists", name, i))
-                raise PolicyError(path, line, str(exc), entry) from None
-            (v4 if version == 4 else v6).append(b)
-        lists[name] = (v4, v6)
+        try:
+            lists[name] = addresses.parse_many([str(e) for e in entries])
+        except addresses.BadEntry as exc:
+            raise PolicyError(path, doc.line(("lists", name, exc.index)), str(exc),
+                              entries[exc.index]) from None
 
     seen: dict[tuple[str, ...], Sources] = {}  # one list in many rules is collapsed once
 

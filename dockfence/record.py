@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import os
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .model import DirectGate, Gate, HostRules, PortRange, Ruleset, Sources
 from .stamp import Stamp
 
 DIRECTORY = Path("/run/dockfence")
-_WIDTH = {4: 10, 6: 34}  # hex digits of a block: 32 or 128 address bits and 8 of prefix length
+_BYTES = {4: 5, 6: 17}  # bytes of a block: 32 or 128 address bits and 8 of prefix length
 
 
 def _path() -> Path:
@@ -28,12 +29,12 @@ def _path() -> Path:
 
 
 def _blocks_hex(version: int, blocks: tuple[int, ...]) -> str:
-    return "".join(f"{b:0{_WIDTH[version]}x}" for b in blocks)
+    return b"".join(map(int.to_bytes, blocks, repeat(_BYTES[version]), repeat("big"))).hex()
 
 
 def _hex_blocks(version: int, text: str) -> tuple[int, ...]:
-    w = _WIDTH[version]
-    return tuple(int(text[i:i + w], 16) for i in range(0, len(text), w))
+    data, w = bytes.fromhex(text), _BYTES[version]
+    return tuple(int.from_bytes(data[i:i + w], "big") for i in range(0, len(data), w))
 
 
 def encode(rs: Ruleset) -> dict[str, Any]:
