@@ -52,7 +52,8 @@ class Plan:
     live: Ruleset | None
     changes: list[Change]
     unchanged: bool  # the live table enforces and says exactly what apply would write
-    table: str  # `desired` rendered for nft ("" when unchanged was told by the stamp)
+    table: str  # `desired` rendered for nft, as apply loads it ("" from make_plan, or when
+    # the stamp told that nothing changed)
     stamp: Stamp  # what the table carries once applied
     warnings: list[str] = field(default_factory=list)
 
@@ -91,12 +92,11 @@ def make_plan(policy_path: str) -> Plan:
 
     pol, inv, desired = desired_state(policy_path)
     st = stamp_of(pol, inv)
-    table = nft.render(desired, st)
     doc = nft.live_json()
     live = nft.parse_live(doc) if doc is not None else None
     unchanged = (live is not None and nft.same_table(live, desired)
-                 and nft.same_structure(doc, table))  # type: ignore[arg-type]
-    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
+                 and nft.same_structure(doc, nft.render(desired, st, elements=False)))  # type: ignore[arg-type]
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, "", st,
                 list(desired.warnings))
 
 
@@ -328,8 +328,14 @@ class PortStatus:
     sources: list[str] | None = None  # every network that may, ["any"], or None: unfiltered
 
 
-def _networks(sources: Sources) -> list[str]:
-    return ["any"] if sources.any else sources.texts()
+def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]]) -> list[str]:
+    """Every network, as text; one list behind many ports is written out once."""
+    if sources.any:
+        return ["any"]
+    key = (id(sources.v4), id(sources.v6))
+    if key not in memo:
+        memo[key] = sources.texts()
+    return memo[key]
 
 
 @dataclass
@@ -342,7 +348,8 @@ class Status:
     firewall_backend: str
 
 
-def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
+def _port_status(c: Container, b: Binding, live: Ruleset | None,
+                 memo: dict[tuple[int, int], list[str]]) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -358,7 +365,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
             return PortStatus(**row, who="nobody (direct routing dropped)",
                               decided_by="no allowance in the live rules", sources=[])
         return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
-                          sources=_networks(mine[0].sources))
+                          sources=_networks(mine[0].sources, memo))
     gate = find_gate(live.container_gates, b.proto, b.host_port)
     if gate is None:
         fallback = Sources.for_verdict(live.unknown_published)
@@ -368,7 +375,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None) -> PortStatus:
     default = "containers.default" in gate.origin
     return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
                       warning="no policy rule names this port; the default decides"
-                      if default else None, sources=_networks(gate.sources))
+                      if default else None, sources=_networks(gate.sources, memo))
 
 
 def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
@@ -385,7 +392,8 @@ def status() -> Status:
     """What the kernel enforces now, for every published port Docker reports."""
     inv = discovery.inventory()
     live = live_rules()
-    ports = [_port_status(c, b, live) for c in inv.containers for b in c.bindings]
+    memo: dict[tuple[int, int], list[str]] = {}
+    ports = [_port_status(c, b, live, memo) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     for p in ports:
         if p.warning:

@@ -66,6 +66,7 @@ def _ifnames(names: tuple[str, ...]) -> str:
 class _Renderer:
     lines: list[str]
     chains: dict[Sources, str]
+    elements: bool = True  # False: the structure only (sets without their addresses)
 
     def allow_chain(self, sources: Sources) -> str:
         """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
@@ -80,7 +81,8 @@ class _Renderer:
             for fam, version, blocks in (("ip", 4, sources.v4), ("ip6", 6, sources.v6)):
                 if blocks:
                     sname = f"{name}_v{version}"
-                    elements = ", ".join(addresses.show_all(version, blocks))
+                    elements = ", ".join(addresses.show_all(version, blocks)) \
+                        if self.elements else ""
                     self.lines += [
                         f"\tset {sname} {{",
                         f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
@@ -88,7 +90,7 @@ class _Renderer:
                         # how the policy wrote it, so status can say "office" again
                         *([f"\t\tcomment {comment(', '.join(sources.names))}"]
                           if sources.names else []),
-                        f"\t\telements = {{ {elements} }}",
+                        *([f"\t\telements = {{ {elements} }}"] if elements else []),
                         "\t}",
                     ]
                     body.append(f"\t\t{fam} saddr @{sname} accept")
@@ -130,9 +132,11 @@ def _stamp_set(stamp: Stamp | None) -> list[str]:
             "\t}"]
 
 
-def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
-    """The whole table as one `nft -f` transaction that replaces any previous version of it."""
-    r = _Renderer(lines=[], chains={})
+def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> str:
+    """The whole table as one `nft -f` transaction that replaces any previous version of it.
+    Without `elements`, the allow-list sets are declared empty: the structure, cheap at any
+    size (see same_structure)."""
+    r = _Renderer(lines=[], chains={}, elements=elements)
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp)]
     for proto in PROTOS:
@@ -296,7 +300,8 @@ def canonical_of(table: str, elements: bool = True) -> str:
 
 def same_structure(doc: dict[str, Any], table: str) -> bool:
     """Has the live table (a listing) exactly the chains, rules and declarations of `table`
-    (what render() made)? Elements are compared by same_table(), on parsed rulesets."""
+    (what render() made, with or without elements)? Elements are compared by same_table(), on
+    parsed rulesets."""
     return canonical(doc, elements=False) == canonical_of(table, elements=False)
 
 
