@@ -61,7 +61,8 @@ def policy_from_file(list_path: str) -> str:
 
 @dataclass
 class Timed:
-    seconds: float
+    seconds: float  # wall clock
+    cpu: float  # user + system time of the process and every process it ran
     rss_kib: int
     out: str
 
@@ -104,13 +105,14 @@ def _timed_process(argv: list[str], env: dict[str, str], stdin: str | None) -> T
         if stdin and proc.stdin:
             proc.stdin.write(stdin)
             proc.stdin.close()
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.perf_counter() - start
         out_file.seek(0)
         out, _, rss = out_file.read().rpartition("peak-rss-kib ")
         kib = int(rss) if rss.strip().isdigit() else 0
-        return Timed(elapsed if proc.returncode == 0 else -1.0, kib, out)
+        return Timed(elapsed if proc.returncode == 0 else -1.0,
+                     usage.ru_utime + usage.ru_stime, kib, out)
 
 
 def median(values: Sequence[float]) -> float:
@@ -125,6 +127,11 @@ class Row:
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
+
+    def timed(self, key: str, t: Timed) -> Timed:
+        self.add(key, t.seconds)
+        self.add(f"{key} cpu", t.cpu)
+        return t
 
     def m(self, key: str) -> float:
         return median(self.samples.get(key, []))
@@ -145,26 +152,22 @@ def measure(r: Runner, row: Row, path: Path, small: Path, workdir: Path, reps: i
     for rep in range(reps):
         bench.log(f"N={row.n:,} {row.source}: rep {rep + 1}/{reps}")
         r.dockfence("remove")
-        t = r.nft("-f", str(raw))
-        row.add("nft -f", t.seconds)
+        t = row.timed("nft -f", r.nft("-f", str(raw)))
         row.add("nft rss", t.rss_kib)
-        row.add("nft list", r.nft("list", "table", "inet", "dockfence").seconds)
-        row.add("nft -j list", r.nft("-j", "list", "table", "inet", "dockfence").seconds)
+        row.timed("nft list", r.nft("list", "table", "inet", "dockfence"))
+        row.timed("nft -j list", r.nft("-j", "list", "table", "inet", "dockfence"))
         r.nft("delete", "table", "inet", "dockfence")
-        t = r.dockfence("apply", "--policy", str(path))
-        row.add("apply", t.seconds)
+        t = row.timed("apply", r.dockfence("apply", "--policy", str(path)))
         row.add("apply rss", t.rss_kib)
-        t = r.dockfence("apply", "--policy", str(path))
+        t = row.timed("apply again", r.dockfence("apply", "--policy", str(path)))
         if "No changes" not in t.out:
             raise bench.BenchError(f"second apply changed something: {t.out[-1000:]}")
-        row.add("apply again", t.seconds)
-        t = r.dockfence("plan", "--json", "--policy", str(path))
+        t = row.timed("plan", r.dockfence("plan", "--json", "--policy", str(path)))
         if '"unchanged": true' not in t.out:
             raise bench.BenchError(f"plan after apply is not unchanged: {t.out[-1000:]}")
-        row.add("plan", t.seconds)
-        row.add("status", r.dockfence("status").seconds)
+        row.timed("status", r.dockfence("status"))
         if row.n > SMALL:
-            row.add("shrink", r.dockfence("apply", "--policy", str(small)).seconds)
+            row.timed("shrink", r.dockfence("apply", "--policy", str(small)))
     r.dockfence("remove")
 
 
@@ -172,16 +175,21 @@ def measure_small_only(r: Runner, path: Path, samples: dict[str, list[float]],
                        reps: int) -> None:
     """The commands that do not depend on list size: --help, check, explain."""
     r.dockfence("apply", "--policy", str(path))
+    commands = {
+        "dockfence --help": ["--help"],
+        "dockfence check": ["check", "--policy", str(path)],
+        "dockfence explain": ["explain", "2001:db8:ff::10", "8081", "--policy", str(path)],
+    }
     for _ in range(reps):
-        samples.setdefault("--help", []).append(r.dockfence("--help").seconds)
-        samples.setdefault("check", []).append(
-            r.dockfence("check", "--policy", str(path)).seconds)
-        samples.setdefault("explain", []).append(
-            r.dockfence("explain", "2001:db8:ff::10", "8081", "--policy", str(path)).seconds)
-        samples.setdefault("python3 -c pass", []).append(
-            r.timed([sys.executable, "-c", "pass"]).seconds)
-        samples.setdefault("python3 -S -c pass", []).append(
-            r.timed([sys.executable, "-S", "-c", "pass"]).seconds)
+        for name, args in commands.items():
+            t = r.dockfence(*args)
+            samples.setdefault(name, []).append(t.seconds)
+            samples.setdefault(f"{name} cpu", []).append(t.cpu)
+        for name, argv in (("python3 -c pass", [sys.executable, "-c", "pass"]),
+                           ("python3 -S -c pass", [sys.executable, "-S", "-c", "pass"])):
+            t = r.timed(argv)
+            samples.setdefault(name, []).append(t.seconds)
+            samples.setdefault(f"{name} cpu", []).append(t.cpu)
     r.dockfence("remove")
 
 
@@ -191,36 +199,47 @@ def ratio(a: float, b: float) -> str:
 
 def report(rows: list[Row], small: dict[str, list[float]], reps: int, load: str) -> str:
     fmt = bench.fmt_s
+
+    def both(row: Row, key: str) -> str:
+        return f"{fmt(row.m(key))} ({fmt(row.m(key + ' cpu'))})"
+
+    def ratios(row: Row, key: str, base: str) -> str:
+        return (f"{ratio(row.m(key), row.m(base))} "
+                f"({ratio(row.m(key + ' cpu'), row.m(base + ' cpu'))})")
+
     header = ["N entries", "list", "nft -f", "apply", "apply / nft -f", "apply again",
               "nft list", "nft -j list", "plan", "plan / nft list", "status",
               "status / nft list", "shrink to 10", "peak RSS apply", "peak RSS nft -f"]
     body = []
     for row in rows:
         body.append([
-            bench.fmt_n(row.n), row.source, fmt(row.m("nft -f")), fmt(row.m("apply")),
-            ratio(row.m("apply"), row.m("nft -f")), fmt(row.m("apply again")),
-            fmt(row.m("nft list")), fmt(row.m("nft -j list")), fmt(row.m("plan")),
-            ratio(row.m("plan"), row.m("nft list")), fmt(row.m("status")),
-            ratio(row.m("status"), row.m("nft list")), fmt(row.m("shrink")),
+            bench.fmt_n(row.n), row.source, both(row, "nft -f"), both(row, "apply"),
+            ratios(row, "apply", "nft -f"), both(row, "apply again"), both(row, "nft list"),
+            both(row, "nft -j list"), both(row, "plan"), ratios(row, "plan", "nft list"),
+            both(row, "status"), ratios(row, "status", "nft list"), both(row, "shrink"),
             bench.fmt_kib(row.m("apply rss")), bench.fmt_kib(row.m("nft rss"))])
-    small_body = [[k, fmt(median(v))] for k, v in small.items()]
+    small_body = [[k, fmt(median(v)), fmt(median(small[f"{k} cpu"]))]
+                  for k, v in small.items() if not k.endswith(" cpu")]
     lines = [
         START,
         f"## Commands end to end (median of {reps}; {load})",
         "",
         "Each command is a new `python3 -m dockfence` process in a lab host namespace with a "
-        "real dockerd (one container publishing 8081), timed wall clock from start to exit, "
-        "asking Docker included. `nft -f` loads exactly the table `apply` loads (same policy, "
-        "same inventory, stamp included) into the empty namespace; `nft list` / `nft -j list` "
-        "list it. `apply again` changes nothing; `shrink to 10` applies a 10-entry policy over "
-        "the big table. Peak RSS: the largest process of the command (dockfence's Python or "
-        "the nft it runs), from wait4.",
+        "real dockerd (one container publishing 8081), timed from start to exit, asking Docker "
+        "included: wall clock, and in parentheses the CPU time (user + system) of the command "
+        "and every process it ran (nft, conntrack, ...), which other load on a shared machine "
+        "does not inflate. `nft -f` loads exactly the table `apply` loads (same policy, same "
+        "inventory, stamp included) into the empty namespace; `nft list` / `nft -j list` list "
+        "it. `apply again` changes nothing; `shrink to 10` applies a 10-entry policy over the "
+        "big table. Peak RSS: the largest process of the command (dockfence's Python or the nft "
+        "it runs), from wait4.",
         "",
         bench.table(header, body),
         "",
-        "Commands that do not depend on the list size (10-entry policy, applied):",
+        "Commands that do not depend on the list size (10-entry policy, applied), and the "
+        "interpreter's own start for scale:",
         "",
-        bench.table(["command", "time"], small_body),
+        bench.table(["command", "wall", "CPU"], small_body),
         "",
         "Targets (issue 7): apply at 100k and 1M <= 1.5x nft -f; apply again <= 150 ms at any "
         "size; apply, status, plan, explain with a small policy <= 300 ms; status and plan at "
