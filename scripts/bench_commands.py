@@ -193,11 +193,39 @@ def measure_small_only(r: Runner, path: Path, samples: dict[str, list[float]],
     r.dockfence("remove")
 
 
+IMPORTS = {
+    "dockfence.cli (what --help loads)": "dockfence.cli",
+    "dockfence.engine (+ apply's no-op path)": "dockfence.engine",
+    "dockfence.policy (the validator: pydantic, PyYAML)": "dockfence.policy",
+    "dockfence.dockerapi (the stdlib Docker client)": "dockfence.dockerapi",
+    "docker (the Docker SDK with requests, no longer used)": "docker",
+}
+
+
+def import_times(reps: int) -> dict[str, float]:
+    """`python3 -X importtime`: cumulative seconds to import each module in a fresh process."""
+    out: dict[str, float] = {}
+    for label, module in IMPORTS.items():
+        samples = []
+        for _ in range(reps):
+            proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                                  capture_output=True, text=True, cwd=REPO, check=False,
+                                  env={"PATH": bench.SYSTEM_PATH, "PYTHONPATH": str(REPO)})
+            for line in proc.stderr.splitlines():
+                fields = line.split("|")
+                if len(fields) == 3 and fields[2].strip() == module:
+                    samples.append(int(fields[1]) / 1e6)
+        if samples:
+            out[label] = median(samples)
+    return out
+
+
 def ratio(a: float, b: float) -> str:
     return "-" if a != a or b != b or b <= 0 else f"{a / b:.2f}x"
 
 
-def report(rows: list[Row], small: dict[str, list[float]], reps: int, load: str) -> str:
+def report(rows: list[Row], small: dict[str, list[float]], imports: dict[str, float], reps: int,
+           load: str) -> str:
     fmt = bench.fmt_s
 
     def both(row: Row, key: str) -> str:
@@ -241,6 +269,10 @@ def report(rows: list[Row], small: dict[str, list[float]], reps: int, load: str)
         "",
         bench.table(["command", "wall", "CPU"], small_body),
         "",
+        "Imports (`python3 -X importtime -c 'import MODULE'`, cumulative, median):",
+        "",
+        bench.table(["module", "import"], [[k, fmt(v)] for k, v in imports.items()]),
+        "",
         "Targets (issue 7): apply at 100k and 1M <= 1.5x nft -f; apply again <= 150 ms at any "
         "size; apply, status, plan, explain with a small policy <= 300 ms; status and plan at "
         "100k <= 1.5x nft list.",
@@ -270,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = loadavg()
     rows: list[Row] = []
     small: dict[str, list[float]] = {}
+    imports: dict[str, float] = {}
     lab = Lab(f"dfc{os.getpid() % 100000}")
     try:
         with lab, tempfile.TemporaryDirectory(prefix="dfb-cmd-") as tmp:
@@ -291,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             a.big_reps if n >= 1_000_000 else a.reps)
                     rows.append(row)
             measure_small_only(r, small_path, small, a.reps)
+            imports = import_times(max(a.reps, 3))
     except bench.BenchError as exc:
         print(f"bench_commands: {exc}", file=sys.stderr)
         return 1
@@ -298,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_commands: interrupted; the lab was removed", file=sys.stderr)
         return 130
     load = f"{load_before} before, {loadavg()} after, on {os.cpu_count()} CPUs"
-    text = report(rows, small, a.reps, load)
+    text = report(rows, small, imports, a.reps, load)
     args = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python3 scripts/bench_commands.py", *map(shlex.quote, args)])
     took = time.perf_counter() - started
