@@ -286,6 +286,8 @@ def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
         for family in ("ipv4", "ipv6"):
             proc = run(["conntrack", "-L", "-f", family], check=False)
             flows += parse_conntrack(proc.stdout)
+        if not flows:
+            return 0
         cut = flows_to_cut(flows, old, new, inv, _local_addresses())
     except OperationalError:
         return 0  # no conntrack tool: new connections are still filtered
