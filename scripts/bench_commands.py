@@ -323,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     measure(r, row, path, small_path, workdir,
                             a.big_reps if n >= 1_000_000 else a.reps)
                     rows.append(row)
+                    bench.log("row: " + ", ".join(f"{k} {bench.fmt_s(row.m(k))}"
+                                                  for k in row.samples if "rss" not in k))
             measure_small_only(r, small_path, small, a.reps)
             imports = import_times(max(a.reps, 3))
     except bench.BenchError as exc:
