@@ -9,11 +9,13 @@ path does not take (a netmask, a scope id), so validation says exactly what it a
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import operator
 import socket
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import compress, repeat
 
 BITS = {4: 32, 6: 128}
@@ -64,6 +66,19 @@ def parse(text: str) -> tuple[int, int]:
     return net.version, int(net.network_address) << 8 | net.prefixlen
 
 
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Bulk work makes a million short-lived tuples, no cycles: without the cyclic collector
+    scanning them again and again it runs several times faster."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class BadEntry(ValueError):
     """Entry `index` of a parse_many() batch is not an address or CIDR (str: why)."""
 
@@ -81,7 +96,8 @@ def parse_many(texts: list[str]) -> tuple[list[int], list[int]]:
     the per-entry work done by C loops (map): a million entries in about a second. BadEntry
     says which entry is wrong, in parse()'s words."""
     try:
-        return _parse_many_fast(texts)
+        with _no_gc():
+            return _parse_many_fast(texts)
     except _Slow:
         pass
     out: tuple[list[int], list[int]] = ([], [])
@@ -156,11 +172,11 @@ def show_all(version: int, blocks: Sequence[int]) -> list[str]:
     starts = list(map(operator.rshift, blocks, repeat(8)))
     if version == 6 and min(starts) < 1 << 48:  # the rare spellings show() writes specially
         return [show(version, b) for b in blocks]
-    texts = list(map(socket.inet_ntop, repeat(_AF[version]),
-                     map(int.to_bytes, starts, repeat(bits // 8), repeat("big"))))
-    full = block(0, bits) & 0xFF
-    return [t if b & 0xFF == full else f"{t}/{b & 0xFF}" for t, b in zip(texts, blocks,
-                                                                         strict=True)]
+    texts = map(socket.inet_ntop, repeat(_AF[version]),
+                map(int.to_bytes, starts, repeat(bits // 8), repeat("big")))
+    suffix = {p: "" if p == bits else f"/{p}" for p in range(bits + 1)}
+    return list(map(operator.add, texts,
+                    map(suffix.__getitem__, map(operator.and_, blocks, repeat(0xFF)))))
 
 
 def collapse(version: int, blocks: Iterable[int]) -> tuple[int, ...]:
@@ -170,8 +186,10 @@ def collapse(version: int, blocks: Iterable[int]) -> tuple[int, ...]:
     runs only when something touches."""
     bits = BITS[version]
     ordered = sorted(blocks)
-    starts = [b >> 8 for b in ordered]
-    ends = [s + (1 << (bits - (b & 0xFF))) for s, b in zip(starts, ordered, strict=True)]
+    starts = list(map(operator.rshift, ordered, repeat(8)))
+    size = {p: 1 << (bits - p) for p in range(bits + 1)}
+    ends = list(map(operator.add, starts,
+                    map(size.__getitem__, map(operator.and_, ordered, repeat(0xFF)))))
     if all(map(operator.gt, starts[1:], ends)):  # every block starts past the previous one's end
         return tuple(ordered)
     out: list[int] = []

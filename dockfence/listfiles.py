@@ -8,8 +8,10 @@ integer blocks (dockfence.addresses): a million-line file costs no `ipaddress` o
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 from . import addresses, stamp
@@ -49,12 +51,13 @@ def parse(lf: ListFile, data: bytes) -> tuple[list[int], list[int]]:
         line = data[:exc.start].count(b"\n") + 1
         raise PolicyError(lf.shown, line, "not UTF-8 text") from None
     lines = text.splitlines()
-    cleaned = [line.partition("#")[0].strip() for line in lines] if "#" in text \
-        else list(map(str.strip, lines))
-    numbers = [i for i, entry in enumerate(cleaned, 1) if entry]
+    if "#" in text:  # C loops (map) throughout: a million lines cost no Python bytecode each
+        lines = list(map(operator.itemgetter(0), map(str.partition, lines, repeat("#"))))
+    cleaned = list(map(str.strip, lines))
     try:
-        return addresses.parse_many([cleaned[i - 1] for i in numbers])
+        return addresses.parse_many(list(filter(None, cleaned)))
     except addresses.BadEntry as exc:
+        numbers = [i for i, entry in enumerate(cleaned, 1) if entry]
         raise PolicyError(lf.shown, numbers[exc.index], str(exc), exc.text) from None
 
 
