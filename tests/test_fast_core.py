@@ -240,3 +240,14 @@ def test_docker_host_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(dockerapi.DockerError, match="cannot connect"):
         dockerapi.Client()
+
+
+def test_listed_set_elements_in_every_shape_nft_prints() -> None:
+    from dockfence.backends import nftables as nft
+
+    elems = ["198.51.100.7", {"prefix": {"addr": "203.0.113.0", "len": 28}},
+             {"elem": {"val": {"prefix": {"addr": "198.51.100.128", "len": 25}}}},
+             {"range": ["203.0.113.16", "203.0.113.19"]}]
+    blocks = nft._set_blocks(4, elems)
+    assert sorted(str(addresses.to_network(4, b)) for b in blocks) == [
+        "198.51.100.128/25", "198.51.100.7/32", "203.0.113.0/28", "203.0.113.16/30"]

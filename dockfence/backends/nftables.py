@@ -264,7 +264,8 @@ def live_json() -> dict[str, Any] | None:
         if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
             return None
         raise OperationalError(f"nft list table failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    with addresses.no_gc():  # a dict per set element, no cycles
+        return json.loads(proc.stdout)
 
 
 def live_text() -> str | None:
@@ -336,20 +337,36 @@ def apply_text(text: str) -> None:
 
 # --- parsing the live table back into a ruleset ------------------------------------------------
 
-def _elem_blocks(version: int, elem: Any, out: list[int]) -> None:
-    """Append the blocks of one listed interval-set element (an address, a prefix, a range)."""
+def _elem_text(elem: Any) -> str:
+    """A listed interval-set element as text parse_many() takes: an address or a prefix."""
     if isinstance(elem, str):
-        out.append(addresses.parse(elem)[1])
-    elif "prefix" in elem:
-        p = elem["prefix"]
-        out.append(addresses.parse(p["addr"])[1] >> 8 << 8 | int(p["len"]))
-    elif "range" in elem:
-        first, last = (addresses.parse(a)[1] >> 8 for a in elem["range"])
-        out += addresses.of_range(version, first, last)
-    elif "elem" in elem:
-        _elem_blocks(version, elem["elem"]["val"], out)
-    else:
-        raise OperationalError(f"unexpected set element in live table: {elem!r}")
+        return elem
+    if "prefix" in elem:
+        return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+    if "elem" in elem:
+        return _elem_text(elem["elem"]["val"])
+    raise ValueError(elem)
+
+
+def _set_blocks(version: int, elems: list[Any]) -> list[int]:
+    """The blocks of a listed interval set: addresses and prefixes in bulk (C loops), ranges
+    (a hand-written `a-b`) one by one."""
+    texts, ranges = [], []
+    for e in elems:
+        try:
+            texts.append(_elem_text(e))
+        except (ValueError, KeyError, TypeError):
+            ranges.append(e.get("range") if isinstance(e, dict) else None)
+    try:
+        blocks = addresses.parse_many(texts)[version == 6]
+    except addresses.BadEntry as exc:
+        raise OperationalError(f"unexpected set element in live table: {exc.text!r}") from None
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2):
+            raise OperationalError(f"unexpected set element in live table: {r!r}")
+        first, last = (addresses.parse(a)[1] >> 8 for a in r)
+        blocks += addresses.of_range(version, first, last)
+    return blocks
 
 
 def _ports(val: Any) -> PortRange:
@@ -382,9 +399,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         if "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
             version = 6 if s.get("type") == "ipv6_addr" else 4
-            blocks: list[int] = []
-            for e in s.get("elem", []):
-                _elem_blocks(version, e, blocks)
+            blocks = _set_blocks(version, s.get("elem", []))
             # What dockfence wrote was collapsed already and nft lists it in order; sorting
             # (integers: cheap, and a no-op on sorted input) makes a hand-edited set compare
             # as a set too.
