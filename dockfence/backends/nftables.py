@@ -44,6 +44,8 @@ TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
+# Loading or listing a table of a million addresses takes nft seconds (tens on a busy host)
+WHOLE_TABLE_TIMEOUT = 600
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
@@ -259,7 +261,8 @@ def removal() -> str:
 
 def live_json() -> dict[str, Any] | None:
     """The live table as nft JSON without stateful values, or None if dockfence is not installed."""
-    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False)
+    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False,
+               timeout=WHOLE_TABLE_TIMEOUT)
     if proc.returncode != 0:
         if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
             return None
@@ -269,7 +272,8 @@ def live_json() -> dict[str, Any] | None:
 
 
 def live_text() -> str | None:
-    proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
+    proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False,
+               timeout=WHOLE_TABLE_TIMEOUT)
     return proc.stdout if proc.returncode == 0 else None
 
 
@@ -295,7 +299,8 @@ def canonical_of(table: str, elements: bool = True) -> str:
         table = "".join(line for line in table.splitlines(keepends=True)
                         if not line.startswith("\t\telements = {"))
     script = f'nft -f - && nft -j -s list table {FAMILY} {TABLE}'
-    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table)
+    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table,
+               timeout=WHOLE_TABLE_TIMEOUT)
     return canonical(json.loads(proc.stdout), elements) or ""
 
 
@@ -332,7 +337,7 @@ def same_table(live: Ruleset, desired: Ruleset) -> bool:
 
 
 def apply_text(text: str) -> None:
-    run(["nft", "-f", "-"], stdin=text)
+    run(["nft", "-f", "-"], stdin=text, timeout=WHOLE_TABLE_TIMEOUT)
 
 
 # --- parsing the live table back into a ruleset ------------------------------------------------
