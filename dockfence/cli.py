@@ -236,7 +236,7 @@ def status(as_json: bool) -> None:
 
     from . import engine
 
-    st = engine.status()
+    st = engine.status(networks=as_json)
     if as_json:
         _emit_json({"installed": st.installed, "firewall_backend": st.firewall_backend,
                     "ports": [asdict(p) for p in st.ports],

@@ -330,8 +330,12 @@ class PortStatus:
     sources: list[str] | None = None  # every network that may, ["any"], or None: unfiltered
 
 
-def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]]) -> list[str]:
-    """Every network, as text; one list behind many ports is written out once."""
+def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]] | None,
+              ) -> list[str] | None:
+    """Every network, as text; one list behind many ports is written out once. None when
+    not asked for (memo None): a table of counts needs no million strings."""
+    if memo is None:
+        return None
     if sources.any:
         return ["any"]
     key = (id(sources.v4), id(sources.v6))
@@ -351,7 +355,7 @@ class Status:
 
 
 def _port_status(c: Container, b: Binding, live: Ruleset | None,
-                 memo: dict[tuple[int, int], list[str]]) -> PortStatus:
+                 memo: dict[tuple[int, int], list[str]] | None) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -390,11 +394,12 @@ def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
             for d in live.direct if (str(d.address), d.proto, d.port) not in current]
 
 
-def status() -> Status:
-    """What the kernel enforces now, for every published port Docker reports."""
+def status(networks: bool = True) -> Status:
+    """What the kernel enforces now, for every published port Docker reports; with every
+    allowed network written out (PortStatus.sources) only if `networks`."""
     inv = discovery.inventory()
     live = live_rules()
-    memo: dict[tuple[int, int], list[str]] = {}
+    memo: dict[tuple[int, int], list[str]] | None = {} if networks else None
     ports = [_port_status(c, b, live, memo) for c in inv.containers for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     for p in ports:

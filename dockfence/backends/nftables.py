@@ -356,12 +356,19 @@ def _elem_text(elem: Any) -> str:
 def _set_blocks(version: int, elems: list[Any]) -> list[int]:
     """The blocks of a listed interval set: addresses and prefixes in bulk (C loops), ranges
     (a hand-written `a-b`) one by one."""
-    texts, ranges = [], []
-    for e in elems:
-        try:
-            texts.append(_elem_text(e))
-        except (ValueError, KeyError, TypeError):
-            ranges.append(e.get("range") if isinstance(e, dict) else None)
+    # the two shapes nft lists for what dockfence writes, inline: no call per element
+    texts = [e if e.__class__ is str else
+             f"{e['prefix']['addr']}/{e['prefix']['len']}" if "prefix" in e else ""
+             for e in elems]
+    ranges = []
+    if "" in texts:  # anything else (ranges, wrapped elements): one by one
+        odd = [e for e, t in zip(elems, texts, strict=True) if not t]
+        texts = list(filter(None, texts))
+        for e in odd:
+            try:
+                texts.append(_elem_text(e))
+            except (ValueError, KeyError, TypeError):
+                ranges.append(e.get("range") if isinstance(e, dict) else None)
     try:
         blocks = addresses.parse_many(texts)[version == 6]
     except addresses.BadEntry as exc:
