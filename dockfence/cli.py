@@ -15,23 +15,50 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from . import engine, policy
 from .errors import DockfenceError, UsageError
-from .explain import explain as explain_verdict
-from .explain import parse_port_arg
-from .plan import Change
+
+# Every command imports what it needs when it runs: `--help` and `check` never load the rule
+# engine or rich, and only commands that ask Docker load the Docker client.
+if TYPE_CHECKING:
+    from . import engine
+    from .plan import Change
 
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
-# Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
-out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use (rich costs ~25 ms of imports)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            options = dict(self._options)
+            if not options.pop("stderr", False):
+                # Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
+                options.setdefault("width", None if sys.stdout.isatty() else 160)
+            else:
+                options["stderr"] = True
+            self._console = Console(**options)
+        return getattr(self._console, name)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+out = _LazyConsole(highlight=False, emoji=False)
+err = _LazyConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,8 +80,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 def _warn(warnings: list[str]) -> None:
+    # click, not rich: a no-op apply prints only this and must not pay for rich's imports
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", markup=True)
+        click.echo(click.style("warning:", fg="yellow") + f" {w}", err=True)
+
+
+def _no_changes() -> None:
+    click.echo(click.style("No changes.", fg="green") +
+               " The live rules already match the policy.")
 
 
 def _emit_json(data: object) -> None:
@@ -73,6 +106,8 @@ def main() -> None:
 @_errors
 def check(policy_path: str) -> None:
     """Validate the policy file; print OK."""
+    from . import policy
+
     policy.load(policy_path)
     click.echo("OK")
 
@@ -121,6 +156,8 @@ def _show_plan(plan: engine.Plan, verbose: bool) -> None:
 @_errors
 def plan_cmd(policy_path: str, as_json: bool, verbose: bool) -> None:
     """Show what apply would change against the live kernel state; change nothing."""
+    from . import engine
+
     plan = engine.make_plan(policy_path)
     if as_json:
         _emit_json({"unchanged": plan.unchanged, "installed": plan.live is not None,
@@ -147,14 +184,20 @@ def _ask(seconds: int) -> Callable[[], bool]:
 @click.option("--confirm", "confirm_seconds", type=click.IntRange(1, 3600), metavar="SECONDS",
               help="Keep the new rules only if you confirm within SECONDS (type yes); "
               "otherwise roll back. For remote sessions, like iptables-apply.")
+@click.option("--full", is_flag=True,
+              help="Read the whole live table back instead of trusting its stamp (rewrites a "
+              "table edited by hand).")
 @_errors
-def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
+def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool) -> None:
     """Make the host match the policy, as one atomic transaction."""
+    from . import engine
+
     plan, cut = engine.apply(policy_path, force=force,
-                             confirm=_ask(confirm_seconds) if confirm_seconds else None)
+                             confirm=_ask(confirm_seconds) if confirm_seconds else None,
+                             full=full)
     _warn(plan.warnings)
     if plan.unchanged:
-        out.print("[green]No changes.[/] The live rules already match the policy.")
+        _no_changes()
         return
     _show_plan(plan, verbose=False)
     changed = sum(c.kind != "keep" for c in plan.changes)
@@ -173,6 +216,8 @@ def watch(policy_path: str, interval: float, metrics_at: str | None) -> None:
     """Keep the rules right while containers and networks come and go: apply now, then again on
     every relevant Docker event or policy edit; print every refused attempt (floods
     summarised). Stop with Ctrl-C (the rules stay)."""
+    from . import engine, policy
+
     policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
     metrics = None
     if metrics_at:
@@ -260,7 +305,11 @@ def log_cmd(follow: bool, as_json: bool) -> None:
 @_errors
 def status(as_json: bool) -> None:
     """What is enforced now: every published port and who may reach it."""
-    st = engine.status()
+    from rich.table import Table
+
+    from . import engine
+
+    st = engine.status(networks=as_json)
     if as_json:
         _emit_json({"installed": st.installed, "firewall_backend": st.firewall_backend,
                     "ports": [asdict(p) for p in st.ports],
@@ -323,6 +372,10 @@ def _count(n: int | None) -> str:
 @_errors
 def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_json: bool) -> None:
     """Would SOURCE get through to PORT[/PROTO]? The verdict and the policy line that decided."""
+    from . import engine
+    from .explain import explain as explain_verdict
+    from .explain import parse_port_arg
+
     try:
         src = ipaddress.ip_address(source)
         dst = ipaddress.ip_address(to) if to else None
@@ -337,7 +390,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
                      reason="banned (" + (f"{ban.reason}; " if ban.reason else "") +
                      ("until unbanned" if ban.expires is None else "expires in "
                       f"{ban.remaining(time.time())}s") + "): every allow-list refuses it")
-    applied, in_force = engine.enforced(rs)
+    applied, in_force = engine.enforced(pol, inv)
     if as_json:
         _emit_json({**ex.as_dict(), "policy": pol.path, "applied": applied,
                     "in_force": in_force})
@@ -398,6 +451,7 @@ def ban(address: str, duration: str, reason: str, force: bool) -> None:
     """Refuse ADDRESS (or a CIDR) on every published port and host port dockfence filters,
     `from: any` included, and cut its established flows to containers. Survives re-apply,
     watch and restore; expires by itself."""
+    from . import engine
     from .bans import parse_duration
 
     cut = engine.ban(address, parse_duration(duration), reason, force=force)
@@ -411,6 +465,8 @@ def ban(address: str, duration: str, reason: str, force: bool) -> None:
 @_errors
 def unban(address: str) -> None:
     """Lift a ban."""
+    from . import engine
+
     if engine.unban(address):
         out.print(f"Unbanned {escape(address)}.")
     else:
@@ -422,6 +478,10 @@ def unban(address: str) -> None:
 @_errors
 def bans_cmd(as_json: bool) -> None:
     """The bans in force and how long each has left."""
+    from rich.table import Table
+
+    from . import engine
+
     rows = engine.current_bans()
     if as_json:
         _emit_json(rows)
@@ -443,6 +503,8 @@ def bans_cmd(as_json: bool) -> None:
 @main.command()
 def schema() -> None:
     """Print the policy's JSON Schema (for editors' YAML language servers)."""
+    from . import policy
+
     doc = policy.json_schema()
     click.echo(json.dumps(doc, indent=2))
 
@@ -478,6 +540,8 @@ def init(output: str | None) -> None:
 @_errors
 def remove() -> None:
     """Delete everything dockfence installed (and nothing else)."""
+    from . import engine
+
     if engine.remove():
         out.print("Removed table inet dockfence.")
     else:

@@ -6,6 +6,7 @@ import ipaddress
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import OperationalError
 from .labels import label_rules
@@ -24,7 +25,9 @@ from .model import (
     Sources,
     find_gate,
 )
-from .policy import ContainerRule, Policy
+
+if TYPE_CHECKING:  # the validator (pydantic) is not needed to compile
+    from .policy import ContainerRule, Policy
 
 
 @dataclass(frozen=True)

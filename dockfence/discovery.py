@@ -1,33 +1,32 @@
 """Docker discovery: the only module that talks to the Docker Engine API.
 
 Reads running containers, their published ports and addresses, and the bridge interfaces of
-Docker's networks. Uses docker-py's from_env(), which honours DOCKER_HOST and negotiates the
-API version.
+Docker's networks, through the small stdlib client in dockfence.dockerapi (it honours
+DOCKER_HOST and negotiates the API version as docker-py's from_env() did, without its imports).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
-import docker
-import docker.errors
-import requests.exceptions
-
+from . import dockerapi
 from .errors import OperationalError
 from .model import Binding, Container, Inventory
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def _client() -> docker.DockerClient:
+def _client() -> dockerapi.Client:
     try:
-        return docker.from_env(timeout=15)
-    except docker.errors.DockerException as exc:
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return dockerapi.Client(timeout=15)
+    except dockerapi.DockerError as exc:
+        where = os.environ.get("DOCKER_HOST") or dockerapi.DEFAULT_HOST
         raise OperationalError(f"cannot reach Docker at {where}: {exc}") from None
 
 
@@ -113,10 +112,10 @@ def daemon_facts() -> Daemon:
     """What `dockfence doctor` needs to know about the daemon itself."""
     client = _client()
     try:
-        version = str(client.api.version().get("Version", "?"))
-        backend = client.api.info().get("FirewallBackend")
-        networks = client.api.networks()
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        version = str(client.get("/version").get("Version", "?"))
+        backend = client.get("/info").get("FirewallBackend")
+        networks = client.get("/networks")
+    except (dockerapi.DockerError, KeyError, TypeError, AttributeError) as exc:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:
         client.close()
@@ -127,20 +126,20 @@ def daemon_facts() -> Daemon:
 def inventory() -> Inventory:
     client = _client()
     try:
-        info = client.api.info()
-        networks = client.api.networks()
+        info = client.get("/info")
+        networks = client.get("/networks")
         routed = {n["Id"]: routed_families(n) for n in networks}
         containers = []
-        for summary in client.api.containers():
+        for summary in client.get("/containers/json"):
             try:
-                attrs = client.api.inspect_container(summary["Id"])
-            except docker.errors.NotFound:
+                attrs = client.get(f"/containers/{summary['Id']}/json")
+            except dockerapi.NotFound:
                 continue  # gone between list and inspect
             c = container_of(attrs, routed)
             if c is not None:
                 containers.append(c)
         bridges = sorted({b for n in networks if (b := bridge_name(n))})
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except (dockerapi.DockerError, KeyError, TypeError, AttributeError) as exc:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:
         client.close()
@@ -164,8 +163,10 @@ def changes_between(since: float, until: float) -> list[str]:
     ones. The daemon replays past events from `since`, so consecutive windows lose nothing."""
     client = _client()
     try:
-        events = client.events(since=since, until=until, decode=True,
-                               filters={"type": list(RELEVANT_EVENTS)})
+        events = client.stream("/events", {
+            "since": f"{since:.9f}", "until": f"{until:.9f}",
+            "filters": json.dumps({"type": list(RELEVANT_EVENTS)})},
+            timeout=max(15.0, until - time.time() + 15))
         out = []
         for ev in events:
             kind, action = ev.get("Type", ""), str(ev.get("Action", "")).split(":")[0]
@@ -173,7 +174,7 @@ def changes_between(since: float, until: float) -> list[str]:
                 name = (ev.get("Actor") or {}).get("Attributes", {}).get("name", "?")
                 out.append(f"{kind} {name} {action}")
         return out
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except dockerapi.DockerError as exc:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:
         client.close()

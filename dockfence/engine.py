@@ -13,14 +13,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import bans, counters, discovery, policy, statedir
+from . import bans, counters, discovery, listfiles, record, statedir
 from .backends import nftables as nft
-from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
-from .explain import explain
 from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
-from .plan import Change, diff
 from .run import run
+from .stamp import Stamp, inventory_digest
+
+# The no-op apply needs none of the policy validator (pydantic), compiler, explainer or diff:
+# they load when a policy is parsed.
+if TYPE_CHECKING:
+    from . import policy
+    from .plan import Change
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -53,21 +57,30 @@ def host_lock(wait: float = 0) -> Iterator[None]:
 
 @dataclass
 class Plan:
-    policy: policy.Policy
+    policy: policy.Policy | None  # None: nothing changed, so the policy was not even parsed
     inventory: Inventory
-    desired: Ruleset
+    desired: Ruleset | None  # None with policy
     live: Ruleset | None
     changes: list[Change]
-    unchanged: bool  # the live table is byte-for-byte what apply would write
-    table: str  # `desired` rendered for nft
-    desired_canonical: str  # how the kernel lists `desired`
+    unchanged: bool  # the live table enforces and says exactly what apply would write
+    table: str  # `desired` rendered for nft, as apply loads it ("" from make_plan, or when
+    # the stamp told that nothing changed)
+    stamp: Stamp  # what the table carries once applied
     warnings: list[str] = field(default_factory=list)
 
 
-def desired_state(policy_path: str) -> tuple[policy.Policy, Inventory, Ruleset]:
+def desired_state(policy_path: str, inv: Inventory | None = None,
+                  ) -> tuple[policy.Policy, Inventory, Ruleset]:
+    from . import policy
+    from .compile import compile_policy
+
     pol = policy.load(policy_path)
-    inv = discovery.inventory()
+    inv = discovery.inventory() if inv is None else inv
     return pol, inv, compile_policy(pol, inv)
+
+
+def stamp_of(pol: policy.Policy, inv: Inventory) -> Stamp:
+    return Stamp(pol.digest, inventory_digest(inv))
 
 
 def live_rules() -> Ruleset | None:
@@ -76,22 +89,25 @@ def live_rules() -> Ruleset | None:
     return None if doc is None else nft.parse_live(doc)
 
 
-def enforced(rs: Ruleset) -> tuple[bool, bool]:
-    """(dockfence is applied, the live table is exactly `rs`), without reading it back."""
-    live = nft.canonical(nft.live_json())
-    return live is not None, live is not None and live == nft.canonical_of(nft.render(rs))
+def enforced(pol: policy.Policy, inv: Inventory) -> tuple[bool, bool]:
+    """(dockfence is applied, the live table was made from this policy and inventory), told by
+    the table's stamp without reading the table."""
+    exists, live = nft.read_stamp()
+    return exists, live == stamp_of(pol, inv)
 
 
 def make_plan(policy_path: str) -> Plan:
+    """What apply would change, against the whole live table read back (exact: a table edited
+    by hand shows, whatever its stamp says)."""
+    from .plan import diff
+
     pol, inv, desired = desired_state(policy_path)
-    table = nft.render(desired)
-    desired_canon = nft.canonical_of(table)  # the kernel's own check, before anything changes
+    st = stamp_of(pol, inv)
     doc = nft.live_json()
-    live_canon = nft.canonical(doc)
-    unchanged = live_canon == desired_canon
-    # reading the live table back costs time on long lists: skip it when it is ours already
-    live = desired if unchanged else nft.parse_live(doc) if doc is not None else None
-    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, desired_canon,
+    live = nft.parse_live(doc) if doc is not None else None
+    unchanged = (live is not None and nft.same_table(live, desired)
+                 and nft.same_structure(doc, nft.render(desired, st, elements=False)))  # type: ignore[arg-type]
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, "", st,
                 list(desired.warnings))
 
 
@@ -99,37 +115,88 @@ class RolledBack(OperationalError):
     """The new rules were not confirmed in time; the previous ones are back."""
 
 
-def apply(policy_path: str, force: bool = False,
-          confirm: Callable[[], bool] | None = None) -> tuple[Plan, int]:
+def _unchanged_by_stamp(policy_path: str) -> tuple[Plan | None, Inventory | None]:
+    """The no-op answer in constant time: the digests of the policy's files and of Docker's
+    inventory equal the live table's stamp, and the last apply recorded its warnings. Nothing
+    is parsed, compiled, rendered or read back. (None, inventory) when that cannot be told."""
+    digest = listfiles.inputs_digest(policy_path)
+    if digest is None:
+        return None, None
+    inv = discovery.inventory()
+    st = Stamp(digest, inventory_digest(inv))
+    if nft.live_stamp() != st:
+        return None, inv
+    warnings = record.warnings(st)
+    if warnings is None:
+        return None, inv
+    return Plan(None, inv, None, None, [], True, "", st, warnings), inv
+
+
+def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
+          full: bool = False) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
+
+    Unless `full`, a table whose stamp says it was made from these very inputs is trusted, and
+    so is the record of what the last apply wrote: nothing big is read back. `full` reads the
+    live table as plan does (a table edited by hand is rewritten).
 
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
     with host_lock():
-        plan = make_plan(policy_path)
-        risk = None if force else lockout(plan.desired, plan.inventory,
-                                          os.environ.get("SSH_CONNECTION"))
+        ssh = None if force else os.environ.get("SSH_CONNECTION")
+        inv = None
+        if not full and not ssh:  # over SSH the lockout check needs the compiled rules
+            quick, inv = _unchanged_by_stamp(policy_path)
+            if quick is not None:
+                return quick, 0
+        from .plan import diff
+
+        pol, inv, desired = desired_state(policy_path, inv)
+        risk = lockout(desired, inv, ssh)
         if risk:
             raise LockoutError(risk)
-        if plan.unchanged:
+        st = stamp_of(pol, inv)
+        exists, live_st = nft.read_stamp()
+        live = record.ruleset(live_st) if exists and live_st and not full else None
+        doc = None
+        if exists and live is None:
+            doc = nft.live_json()
+            live = nft.parse_live(doc) if doc is not None else None
+        table = nft.render(desired, st)
+        unchanged = live is not None and nft.same_table(live, desired) and (
+            doc is None or nft.same_structure(doc, table))
+        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
+                    list(desired.warnings))
+        if unchanged:
+            if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
+                nft.apply_text(nft.stamp_update(st))
+            record.save(st, desired)
             return plan, 0
-        previous = nft.live_text()
-        # bans are not the policy's: the rebuilt table carries them over from their record
-        nft.apply_text(nft.transaction(plan.table) + bans.elements(bans.load(), time.time()))
-        if nft.canonical(nft.live_json()) != plan.desired_canonical:
-            _restore(previous)
+        previous = nft.live_text() if confirm is not None and exists else None
+        load(table)
+        if nft.live_stamp() != st:
+            _restore(previous if confirm is not None or live is None else
+                     nft.render(live, live_st), exists)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
+        record.save(st, desired)
         if confirm is not None and not confirm():
-            _restore(previous)
+            _restore(previous, exists)
             raise RolledBack("not confirmed: the previous rules were restored")
-        return plan, revoke(plan.live, plan.desired, plan.inventory)
+        return plan, revoke(live, desired, inv)
 
 
-def _restore(previous: str | None) -> None:
-    if previous is None:
+def load(table: str) -> None:
+    """The one place a whole table is handed to the kernel: one atomic transaction. Bans are
+    not the policy's: the rebuilt table carries them over from their record."""
+    nft.apply_text(nft.transaction(table) + bans.elements(bans.load(), time.time()))
+
+
+def _restore(previous: str | None, existed: bool) -> None:
+    record.forget()
+    if previous is None or not existed:
         nft.apply_text(nft.removal())
     else:
         nft.apply_text(nft.removal() + previous)
@@ -220,7 +287,8 @@ def _cut_banned(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
 
 def remove() -> bool:
     with host_lock():
-        if nft.live_json() is None:
+        record.forget()
+        if not nft.read_stamp()[0]:
             return False
         nft.apply_text(nft.removal())
         return True
@@ -267,6 +335,8 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
     """Flows from outside to containers (through a published port or routed straight to a
     container address) that the old rules, or no rules, let in and the new ones deny. Flows to
     the host's own ports are never cut: that could be the operator's own session."""
+    from .explain import explain
+
     containers = {a for c in inv.containers for a in c.addresses}
     inside = local | containers
     decided: dict[tuple[str, str, str, int], bool] = {}
@@ -313,6 +383,8 @@ def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
         for family in ("ipv4", "ipv6"):
             proc = run(["conntrack", "-L", "-f", family], check=False)
             flows += parse_conntrack(proc.stdout)
+        if not flows:
+            return 0
         cut = flows_to_cut(flows, old, new, inv, _local_addresses())
     except OperationalError:
         return 0  # no conntrack tool: new connections are still filtered
@@ -329,6 +401,8 @@ def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | No
     established flows survive, but the next login would not."""
     if not ssh_connection:
         return None
+    from .explain import explain
+
     try:
         client, _, server, port = ssh_connection.split()
         verdict = explain(rs, inv, ipaddress.ip_address(client), int(port), "tcp",
@@ -355,8 +429,18 @@ class PortStatus:
     refused: int | None = None
 
 
-def _networks(sources: Sources) -> list[str]:
-    return ["any"] if sources.any else [show_network(n) for n in sources.networks]
+def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]] | None,
+              ) -> list[str] | None:
+    """Every network, as text; one list behind many ports is written out once. None when
+    not asked for (memo None): a table of counts needs no million strings."""
+    if memo is None:
+        return None
+    if sources.any:
+        return ["any"]
+    key = (id(sources.v4), id(sources.v6))
+    if key not in memo:
+        memo[key] = sources.texts()
+    return memo[key]
 
 
 @dataclass
@@ -391,7 +475,8 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
 
 
 def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
-                 counts: dict[str, int] | None = None) -> PortStatus:
+                 counts: dict[str, int] | None = None,
+                 memo: dict[tuple[int, int], list[str]] | None = None) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -407,7 +492,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
             return PortStatus(**row, who="nobody (direct routing dropped)",
                               decided_by="no allowance in the live rules", sources=[])
         return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
-                          sources=_networks(mine[0].sources),
+                          sources=_networks(mine[0].sources, memo),
                           **asdict(counters.direct_gate(counts or {}, mine[0])))
     gate = find_gate(live.container_gates, b.proto, b.host_port)
     if gate is None:
@@ -418,7 +503,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
     default = "containers.default" in gate.origin
     return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
                       warning="no policy rule names this port; the default decides"
-                      if default else None, sources=_networks(gate.sources),
+                      if default else None, sources=_networks(gate.sources, memo),
                       **asdict(counters.container_gate(counts or {}, gate)))
 
 
@@ -432,12 +517,15 @@ def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
             for d in live.direct if (str(d.address), d.proto, d.port) not in current]
 
 
-def status() -> Status:
-    """What the kernel enforces now, for every published port Docker reports."""
+def status(networks: bool = True) -> Status:
+    """What the kernel enforces now, for every published port Docker reports; with every
+    allowed network written out (PortStatus.sources) only if `networks`."""
     inv = discovery.inventory()
     live = live_rules()
     counts = (nft.live_counters() or {}) if live else {}
-    ports = [_port_status(c, b, live, inv, counts) for c in inv.containers for b in c.bindings]
+    memo: dict[tuple[int, int], list[str]] | None = {} if networks else None
+    ports = [_port_status(c, b, live, inv, counts, memo) for c in inv.containers
+             for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []
     record = statedir.applied_record() if live is None else None
     if record:

@@ -6,11 +6,12 @@ Nothing here touches the host; every type is immutable so compiled rulesets can 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from . import addresses
 
 # Linux interface names: at most 15 bytes, no '/', ':' or white space; a trailing `*` makes a
 # prefix (`wg*`), which nftables matches natively.
@@ -53,79 +54,93 @@ class PortSpec:
         return f"{self.ports}/{self.proto}"
 
 
-def _span(n: IPNetwork) -> tuple[int, int]:
-    start = int(n.network_address)
-    return start, start + (1 << (n.max_prefixlen - n.prefixlen)) - 1
-
-
-def collapse(networks: list[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """Merge overlapping and adjacent networks (nftables interval sets reject overlaps), IPv4
-    first, each family sorted. Large lists are usually disjoint already: one sorted pass finds
-    that, and the costly merge runs only when something touches."""
-    out: list[IPNetwork] = []
-    for version in (4, 6):
-        nets = sorted({n for n in networks if n.version == version}, key=_span)
-        spans = [_span(n) for n in nets]
-        if any(b[0] <= a[1] + 1 for a, b in itertools.pairwise(spans)):
-            out.extend(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
-        else:
-            out.extend(nets)
-    return tuple(out)
+def collapse(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Merge overlapping and adjacent networks, IPv4 first, each family sorted (what
+    `ipaddress.collapse_addresses` gives, per family). For callers holding `ipaddress` objects;
+    the core works on integer blocks (see dockfence.addresses)."""
+    nets = list(networks)
+    return tuple(addresses.to_network(v, b) for v in (4, 6)
+                 for b in addresses.collapse(v, (addresses.of_network(n) for n in nets
+                                                 if n.version == v)))
 
 
 @dataclass(frozen=True)
 class Sources:
-    """Who may connect: every address (`any`) or a collapsed list of networks of both families.
+    """Who may connect: every address (`any`) or collapsed networks of both families, as sorted
+    integer blocks (see dockfence.addresses): a million of them compare, hash and diff at C
+    speed.
 
     `names` is how the policy wrote it (list names, addresses), for people to read; it takes no
     part in comparisons.
     """
 
     any: bool = False
-    networks: tuple[IPNetwork, ...] = ()
+    v4: tuple[int, ...] = ()
+    v6: tuple[int, ...] = ()
     names: tuple[str, ...] = field(default=(), compare=False)
 
     @staticmethod
-    def of(networks: list[IPNetwork], any_: bool = False, names: tuple[str, ...] = ()) -> Sources:
+    def of(networks: Iterable[IPNetwork], any_: bool = False,
+           names: tuple[str, ...] = ()) -> Sources:
+        nets = list(networks)
+        return Sources.of_blocks([addresses.of_network(n) for n in nets if n.version == 4],
+                                 [addresses.of_network(n) for n in nets if n.version == 6],
+                                 any_, names)
+
+    @staticmethod
+    def of_blocks(v4: Iterable[int], v6: Iterable[int], any_: bool = False,
+                  names: tuple[str, ...] = ()) -> Sources:
         if any_:
             return Sources(any=True, names=("any",))
-        return Sources(networks=collapse(networks), names=names)
+        return Sources(v4=addresses.collapse(4, v4), v6=addresses.collapse(6, v6), names=names)
 
     @property
     def nobody(self) -> bool:
-        return not self.any and not self.networks
+        return not self.any and not self.v4 and not self.v6
 
-    def v4(self) -> tuple[ipaddress.IPv4Network, ...]:
-        return tuple(n for n in self.networks if isinstance(n, ipaddress.IPv4Network))
+    @property
+    def count(self) -> int:
+        return len(self.v4) + len(self.v6)
 
-    def v6(self) -> tuple[ipaddress.IPv6Network, ...]:
-        return tuple(n for n in self.networks if isinstance(n, ipaddress.IPv6Network))
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """As `ipaddress` objects (slow for long lists: for tests and small ones)."""
+        return tuple(addresses.to_network(v, b) for v, blocks in ((4, self.v4), (6, self.v6))
+                     for b in blocks)
+
+    def texts(self, limit: int | None = None) -> list[str]:
+        """The networks as text, IPv4 first, at most `limit` of them."""
+        v4 = self.v4 if limit is None else self.v4[:limit]
+        rest = None if limit is None else max(0, limit - len(v4))
+        v6 = self.v6 if rest is None else self.v6[:rest]
+        return addresses.show_all(4, v4) + addresses.show_all(6, v6)
 
     def admits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return self.any or any(address in n for n in self.networks)
+        blocks = self.v4 if address.version == 4 else self.v6
+        return self.any or addresses.contains(address.version, blocks, int(address))
 
     def union(self, other: Sources) -> Sources:
         if self.any or other.any:
             return Sources(any=True, names=("any",))
         names = tuple(dict.fromkeys((*self.names, *other.names)))
-        if self.networks == other.networks or not other.networks:
-            return Sources(networks=self.networks, names=names)  # one rule, several bindings
-        if not self.networks:
-            return Sources(networks=other.networks, names=names)
-        return Sources(networks=collapse([*self.networks, *other.networks]), names=names)
+        if self == other or other.nobody:
+            return Sources(v4=self.v4, v6=self.v6, names=names)  # one rule, several bindings
+        if self.nobody:
+            return Sources(v4=other.v4, v6=other.v6, names=names)
+        return Sources.of_blocks(self.v4 + other.v4, self.v6 + other.v6, names=names)
 
     def describe(self, limit: int = 8) -> str:
         """Short enough for a table cell whatever the size: the policy's own words when known,
         else the first networks; with a count once the list is long."""
         if self.any:
             return "anyone"
-        if not self.networks:
+        if self.nobody:
             return "nobody"
-        count = len(self.networks)
+        count = self.count
         if self.names:
             text = ", ".join(self.names)
             return f"{text} ({count:,} networks)" if count > limit else text
-        shown = ", ".join(show_network(n) for n in self.networks[:limit])
+        shown = ", ".join(self.texts(limit))
         return shown if count <= limit else f"{shown} and {count - limit:,} more"
 
     @staticmethod
@@ -144,8 +159,8 @@ class Sources:
     def detail(self, limit: int = 8) -> str:
         """describe(), plus the networks behind the names when there are few."""
         text = self.describe(limit)
-        shown = ", ".join(show_network(n) for n in self.networks[:limit])
-        if self.names and 0 < len(self.networks) <= limit and text != shown:
+        shown = ", ".join(self.texts(limit))
+        if self.names and 0 < self.count <= limit and text != shown:
             return f"{text} ({shown})"
         return text
 

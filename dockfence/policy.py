@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
@@ -19,9 +18,9 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from . import located_yaml
+from . import addresses, listfiles, located_yaml
 from .errors import PolicyError
-from .model import IFNAME_RE, IPNetwork, PortRange, PortSpec, Sources, Verdict
+from .model import IFNAME_RE, PortRange, PortSpec, Sources, Verdict
 
 _PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
 # Docker container names (and compose service names, which are stricter).
@@ -49,16 +48,7 @@ def parse_port(value: object) -> PortSpec:
     return PortSpec(proto=m.group(3) or "tcp", ports=PortRange(first, last))  # type: ignore[arg-type]
 
 
-def parse_network(value: str) -> IPNetwork:
-    """An IPv4/IPv6 address or CIDR; host bits must be clear so a typo is not silently widened."""
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        try:
-            loose = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise ValueError(f"not an IP address or CIDR: {exc}") from None
-        raise ValueError(f"host bits set; did you mean {loose}?") from None
+parse_network = addresses.parse_network  # an address or CIDR, host bits clear
 
 
 def _as_list(value: object) -> object:
@@ -125,10 +115,14 @@ class _ContainerSection(_Strict):
     labels: _LabelSection | None = None  # absent: container labels are ignored
 
 
+class _ListFile(_Strict):
+    file: str = Field(min_length=1)
+
+
 class _Document(_Strict):
     version: Literal[1]
     interfaces: list[Annotated[str, BeforeValidator(_ifname)]] | None = Field(None, min_length=1)
-    lists: dict[str, list[str]] = {}
+    lists: dict[str, list[str] | _ListFile] = {}
     host: _HostSection | None = None
     containers: _ContainerSection = _ContainerSection()
 
@@ -174,6 +168,10 @@ class Policy:
     # the most a container label may grant (`containers.labels.may_allow`); None: labels ignored
     label_limit: Sources | None = None
     lists: dict[str, Sources] = field(default_factory=dict, compare=False)
+    # listfiles.policy_digest() of the text and list files this was made of ("" when parsed
+    # from text alone): apply stamps it on the table
+    digest: str = field(default="", compare=False)
+    list_files: tuple[listfiles.ListFile, ...] = ()
 
     def where(self, line: int | None) -> str:
         return f"{self.path}:{line}" if line else self.path
@@ -238,28 +236,41 @@ def parse(text: str | bytes, path: str = "<policy>") -> Policy:
         loc = tuple(err["loc"])
         line = doc.line(loc) or doc.lines.line  # a missing top-level key: the document's
         raise PolicyError(path, line, _friendly(err), doc.value(loc)) from None
-    return _resolve(raw, doc, path)
+    return _resolve(raw, doc, path, text)
 
 
-def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
+def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
+             text: str | bytes = "") -> Policy:
     """Second pass: list names, addresses and cross-field rules, each error with its line."""
-    lists: dict[str, list[IPNetwork]] = {}
+    lists: dict[str, tuple[list[int], list[int]]] = {}  # name -> (IPv4, IPv6) blocks
+    labels: dict[str, str] = {}  # how plan and status name a list read from a file
+    files: list[tuple[listfiles.ListFile, bytes]] = []
     for name, entries in raw.lists.items():
         if not LIST_NAME_RE.match(name) or name == "any":
             raise PolicyError(path, doc.line(("lists", name)),
                               "a list name starts with a letter (letters, digits, _ and -) "
                               "and is not `any`", name)
-        nets = []
-        for i, entry in enumerate(entries):
-            try:
-                nets.append(parse_network(str(entry)))
-            except ValueError as exc:
-                line = doc.line(("lists", name, i))
-                raise PolicyError(path, line, str(exc), entry) from None
-        lists[name] = nets
+        if isinstance(entries, _ListFile):
+            lf = listfiles.ListFile.at(name, entries.file, path)
+            data = listfiles.read_bytes(path, doc.line(("lists", name, "file")), lf)
+            lists[name] = listfiles.parse(lf, data)
+            labels[name] = lf.label()
+            files.append((lf, data))
+            continue
+        try:
+            lists[name] = addresses.parse_many([str(e) for e in entries])
+        except addresses.BadEntry as exc:
+            raise PolicyError(path, doc.line(("lists", name, exc.index)), str(exc),
+                              entries[exc.index]) from None
+
+    seen: dict[tuple[str, ...], Sources] = {}  # one list in many rules is collapsed once
 
     def sources(entries: list[str | int], loc: tuple[str | int, ...]) -> Sources:
-        nets: list[IPNetwork] = []
+        key = tuple(str(e) for e in entries)
+        if key in seen:
+            return seen[key]
+        v4: list[int] = []
+        v6: list[int] = []
         any_ = False
         for i, entry in enumerate(entries):
             text = str(entry)
@@ -267,15 +278,18 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
             if text == "any":
                 any_ = True
             elif text in lists:
-                nets.extend(lists[text])
+                v4 += lists[text][0]
+                v6 += lists[text][1]
             elif LIST_NAME_RE.match(text):  # a word, not an address: a list that does not exist
                 raise PolicyError(path, line, "unknown list name", text)
             else:
                 try:
-                    nets.append(parse_network(text))
+                    version, b = addresses.parse(text)
                 except ValueError as exc:
                     raise PolicyError(path, line, str(exc), text) from None
-        return Sources.of(nets, any_, tuple(str(e) for e in entries))
+                (v4 if version == 4 else v6).append(b)
+        seen[key] = Sources.of_blocks(v4, v6, any_, tuple(labels.get(e, e) for e in key))
+        return seen[key]
 
     host_rules: list[HostRule] = []
     if raw.host is not None:
@@ -318,6 +332,8 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str) -> Policy:
         lines=lines,
         label_limit=label_limit,
         # only labels look lists up by name later; do not pay for it otherwise
-        lists={name: Sources.of(nets, names=(name,)) for name, nets in lists.items()}
-        if label_limit is not None else {},
+        lists={name: Sources.of_blocks(v4, v6, names=(name,))
+               for name, (v4, v6) in lists.items()} if label_limit is not None else {},
+        digest=listfiles.policy_digest(path, text, files),
+        list_files=tuple(lf for lf, _ in files),
     )

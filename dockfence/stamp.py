@@ -10,10 +10,15 @@ describes the table it sits in. Pure: hashing only.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .model import Inventory
 
 FORMAT = 1
 _STAMP_RE = re.compile(
@@ -47,3 +52,16 @@ class Stamp:
         if m is None or int(m["format"]) != FORMAT:
             return None
         return Stamp(m["policy"], m["inventory"], m["version"])
+
+
+def inventory_digest(inv: Inventory) -> str:
+    """The digest of what the rules depend on in Docker's inventory: container names and compose
+    services (rules select by them, labels quote them), published ports, the addresses direct
+    routing may reach, and the bridges. Container ids, other addresses and the firewall backend
+    change nothing in the table, so a restart that keeps the ports costs no full apply."""
+    containers = sorted(json.dumps([
+        c.name, c.service, sorted(c.routed_addresses),
+        sorted(json.dumps([b.proto, b.host_ip, b.host_port, b.container_port])
+               for b in c.bindings)]) for c in inv.containers)
+    return digest(*(x.encode() for x in containers), b"bridges", *sorted(
+        b.encode() for b in inv.bridges))

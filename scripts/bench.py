@@ -68,6 +68,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TCP_INFLIGHT = 32
 MEMINFO_FIELDS = ("Slab", "VmallocUsed", "Percpu")
 LOADGEN = "load"  # the compiled load generator, in the run's temporary directory
+COMMANDS_START = "<!-- bench_commands: start -->"
 
 LOADGEN_C = r"""
 /* Load generator and listener for scripts/bench.py; clients stop by themselves (time, count).
@@ -473,7 +474,7 @@ def measure_control(box: Sandbox, n: int, reps: int, workdir: Path) -> tuple[Con
         add("parse", t1 - t0)
         add("compile", t2 - t1)
         add("render", t3 - t2)
-        networks = len(rs.container_gates[0].sources.networks)
+        networks = rs.container_gates[0].sources.count
         if networks != n:
             raise BenchError(f"N={n}: the list collapsed to {networks} networks")
 
@@ -980,7 +981,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text("# dockfence benchmarks\n\n" + header + "\n" + report)
+        keep = ""  # scripts/bench_commands.py's section stays
+        if markdown.exists() and COMMANDS_START in (old := markdown.read_text()):
+            keep = "\n" + COMMANDS_START + old.partition(COMMANDS_START)[2].rstrip("\n") + "\n"
+        markdown.write_text("# dockfence benchmarks\n\n" + header + "\n" + report + keep)
         log(f"wrote {markdown}")
     return 0
 

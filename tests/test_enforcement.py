@@ -1358,3 +1358,42 @@ def test_ban_refuses_own_ssh_session_without_force(env: Env) -> None:
     assert json.loads(dockfence(lab, "bans", "--json").stdout) == []
     bad = dockfence(lab, "ban", "203.0.113.300")
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+def test_list_from_a_file_and_a_table_edited_by_hand(env: Env) -> None:
+    """`office` read from a list file enforces what the inline list did (packets) and status
+    names the file. Then a hand edit lets the stranger in: plan sees it (it reads the whole
+    table), and `apply --full` rewrites the table (apply alone trusts the table's stamp)."""
+    lab = env.lab
+    ensure(env)
+    (lab.base / "lists").mkdir(exist_ok=True)
+    (lab.base / "lists" / "office.txt").write_text(
+        "# the office\n203.0.113.0/28\n\n2001:db8:1::/64   # its IPv6 prefix\n")
+    path = lab.base / "main-file.yaml"
+    path.write_text(POLICIES["main"].replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
+                                             "office: {file: lists/office.txt}"))
+    env.applied = None
+    proc = dockfence(lab, "apply", "--policy", str(path))
+    assert proc.returncode == 0, proc.stderr
+    expect(env, MAIN_EXPECT)
+    st = json.loads(dockfence(lab, "status", "--json").stdout)
+    shown = f"office (file {lab.base / 'lists' / 'office.txt'})"
+    assert any(shown in p["who"] for p in st["ports"]), st["ports"]
+    assert "No changes" in dockfence(lab, "apply", "--policy", str(path)).stdout
+
+    table = dockfence_table(lab)
+    name = re.search(r"set (allow_\d+_v4) \{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+                     r"\t\tcomment \"office \(file [^\n]*, branch\"", table)
+    assert name, table
+    lab.host_exec("nft", "add", "element", "inet", "dockfence", name[1], f"{{ {CLIENT_V4_ALT} }}")
+    expect(env, {"django_v4_stranger": True})  # the edit is live
+    plan = json.loads(dockfence(lab, "plan", "--json", "--policy", str(path)).stdout)
+    assert plan["unchanged"] is False
+    assert [c["removed"] for c in plan["changes"] if c["kind"] == "change"] == [[CLIENT_V4_ALT]]
+    proc = dockfence(lab, "apply", "--full", "--policy", str(path))
+    assert proc.returncode == 0 and "Applied" in proc.stdout, (proc.stdout, proc.stderr)
+    expect(env, {"django_v4_stranger": False, "django_v4_office": True})
+    assert dockfence_table(lab) == table
+    plan = json.loads(dockfence(lab, "plan", "--json", "--policy", str(path)).stdout)
+    assert plan["unchanged"] is True
+    env.applied = None  # not "main": the next test re-applies it

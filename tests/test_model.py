@@ -42,7 +42,7 @@ def test_sources_describe_stays_short() -> None:
     many = Sources.of([net(f"2001:db8:{i:x}::/48") for i in range(0, 2000, 2)],
                       names=("office", "blocklist"))
     assert many.describe() == "office, blocklist (1,000 networks)"
-    unnamed = Sources(networks=many.networks)
+    unnamed = Sources(v4=many.v4, v6=many.v6)
     assert unnamed.describe(limit=2) == "2001:db8::/48, 2001:db8:2::/48 and 998 more"
     assert str(Sources(any=True)) == "anyone" and str(Sources()) == "nobody"
     assert str(Sources.of([net("198.51.100.7")], names=("198.51.100.7",))) == "198.51.100.7"

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .. import addresses
 from ..errors import OperationalError
 from ..model import (
     IFNAME_RE,
@@ -54,6 +55,8 @@ TAG_BANNED = "banned"
 TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
+# Loading or listing a table of a million addresses takes nft seconds (tens on a busy host)
+WHOLE_TABLE_TIMEOUT = 600
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
 # Banned addresses (dockfence ban): every allow-list refuses them, `any` included. Their
 # elements are not the policy's: canonical listings leave them out, and apply carries them over.
@@ -117,16 +120,18 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
 class _Renderer:
     lines: list[str]
     sets: dict[Sources, list[tuple[str, str]]]
+    elements: bool = True  # False: the structure only (sets without their addresses)
 
     def allow_sets(self, sources: Sources) -> list[tuple[str, str]]:
         """(family match, set name) of an allow-list's address sets, emitted once per list."""
         if sources not in self.sets:
             name = f"allow_{len(self.sets)}"
             self.sets[sources] = []
-            for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
-                if nets:
-                    sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
-                    elements = ", ".join(show_network(n) for n in nets)
+            for fam, version, blocks in (("ip", 4, sources.v4), ("ip6", 6, sources.v6)):
+                if blocks:
+                    sname = f"{name}_v{version}"
+                    elements = ", ".join(addresses.show_all(version, blocks)) \
+                        if self.elements else ""
                     self.lines += [
                         f"\tset {sname} {{",
                         f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
@@ -134,7 +139,7 @@ class _Renderer:
                         # how the policy wrote it, so status can say "office" again
                         *([f"\t\tcomment {comment(', '.join(sources.names))}"]
                           if sources.names else []),
-                        f"\t\telements = {{ {elements} }}",
+                        *([f"\t\telements = {{ {elements} }}"] if elements else []),
                         "\t}",
                     ]
                     self.sets[sources].append((fam, sname))
@@ -216,9 +221,12 @@ def _loopback_guard() -> list[str]:
         "\t}",
     ]
 
-def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
-    """The whole table as one `nft -f` transaction that replaces any previous version of it."""
-    r = _Renderer(lines=[], sets={})
+
+def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> str:
+    """The whole table as one `nft -f` transaction that replaces any previous version of it.
+    Without `elements`, the allow-list sets are declared empty: the structure, cheap at any
+    size (see same_structure)."""
+    r = _Renderer(lines=[], sets={}, elements=elements)
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp), *_ban_sets(),
                 *(f"\tcounter {c} {{\n\t}}" for c in (COUNTER_UNKNOWN, COUNTER_DIRECT,
@@ -350,27 +358,42 @@ def live_bans() -> dict[str, int | None] | None:
                 val, left = elem, None
                 if isinstance(elem, dict) and "elem" in elem:
                     val, left = elem["elem"]["val"], elem["elem"].get("expires")
-                for net in _elem_networks(val):
-                    found[show_network(net)] = left
+                text = _elem_text(val)
+                found[text[:-3] if text.endswith(("/32", "/128")) else text] = left
     return found
 
 
 def live_stamp_present() -> bool:
-    """Is dockfence's table loaded (its small stamp set answers)?"""
-    return run(["nft", "list", "set", FAMILY, TABLE, STAMP_SET], check=False).returncode == 0
+    """Is dockfence's table loaded?"""
+    return read_stamp()[0]
+
+
+def read_stamp() -> tuple[bool, Stamp | None]:
+    """(the table exists, its stamp or None), from one small set: cheap whatever the lists hold."""
+    proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
+    if proc.returncode != 0:
+        # no such set: no table at all, or a table too old to carry one
+        exists = run(["nft", "list", "tables", FAMILY], check=False).stdout
+        return f"table {FAMILY} {TABLE}" in exists.splitlines(), None
+    return True, stamp_in(json.loads(proc.stdout))
+
+
+def stamp_in(doc: dict[str, Any]) -> Stamp | None:
+    """The stamp of a listing that holds the stamp set, or None."""
+    for obj in doc.get("nftables", []):
+        s = obj.get("set", {})
+        if s.get("name") != STAMP_SET:
+            continue
+        for elem in s.get("elem", []):
+            if isinstance(elem, dict) and "elem" in elem:
+                return Stamp.parse(elem["elem"].get("comment", ""))
+    return None
 
 
 def live_stamp() -> Stamp | None:
     """The stamp of the live table (one small set: cheap whatever the lists hold), or None when
     dockfence is not applied or the table carries no valid stamp."""
-    proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
-    if proc.returncode != 0:
-        return None
-    for obj in json.loads(proc.stdout).get("nftables", []):
-        for elem in obj.get("set", {}).get("elem", []):
-            if isinstance(elem, dict) and "elem" in elem:
-                return Stamp.parse(elem["elem"].get("comment", ""))
-    return None
+    return read_stamp()[1]
 
 
 def removal() -> str:
@@ -381,12 +404,14 @@ def removal() -> str:
 
 def live_json() -> dict[str, Any] | None:
     """The live table as nft JSON without stateful values, or None if dockfence is not installed."""
-    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False)
+    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False,
+               timeout=WHOLE_TABLE_TIMEOUT)
     if proc.returncode != 0:
         if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
             return None
         raise OperationalError(f"nft list table failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    with addresses.no_gc():  # a dict per set element, no cycles
+        return json.loads(proc.stdout)
 
 
 def live_counters() -> dict[str, int] | None:
@@ -410,18 +435,21 @@ def live_generation() -> int | None:
 
 
 def live_text() -> str | None:
-    proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False)
+    proc = run(["nft", "-s", "list", "table", FAMILY, TABLE], check=False,
+               timeout=WHOLE_TABLE_TIMEOUT)
     return proc.stdout if proc.returncode == 0 else None
 
 
 _COUNTS = ("packets", "bytes")
 
 
-def canonical(doc: dict[str, Any] | None) -> str | None:
-    """A listing with kernel handles and version info stripped, for exact comparisons."""
+def canonical(doc: dict[str, Any] | None, elements: bool = True) -> str | None:
+    """A listing with kernel handles and version info stripped, for exact comparisons; without
+    the elements of sets and maps when `elements` is False (the table's structure)."""
     if doc is None:
         return None
 
+    drop = {"handle"} if elements else {"handle", "elem"}
     items = []
     bans = set(BAN_SETS.values())
     for obj in doc.get("nftables", []):
@@ -429,39 +457,99 @@ def canonical(doc: dict[str, Any] | None) -> str | None:
         # named counters list their values even with -s: they are state, not rules; banned
         # addresses come and go by themselves and are not the policy's
         items.append({kind: {k: v for k, v in body.items()
-                             if k != "handle" and not (kind == "counter" and k in _COUNTS)
+                             if k not in drop and not (kind == "counter" and k in _COUNTS)
                              and not (k == "elem" and body.get("name") in bans)}
                       for kind, body in obj.items() if kind != "metainfo"})
     return json.dumps([i for i in items if i], sort_keys=True)
 
 
-def canonical_of(table: str) -> str:
+def canonical_of(table: str, elements: bool = True) -> str:
     """How the kernel lists a rendered table: loaded into a throwaway network namespace and
-    listed back, so that "unchanged" means byte-for-byte what the live kernel would show. The
-    load is also the check: if the kernel refuses the table there, nothing live was touched."""
+    listed back. With `elements` False only the structure is loaded: cheap at any list size."""
+    if not elements:
+        table = "".join(line for line in table.splitlines(keepends=True)
+                        if not line.startswith("\t\telements = {"))
     script = f'nft -f - && nft -j -s list table {FAMILY} {TABLE}'
-    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table)
-    return canonical(json.loads(proc.stdout)) or ""
+    proc = run(["unshare", "--net", "--", "sh", "-c", script], stdin=table,
+               timeout=WHOLE_TABLE_TIMEOUT)
+    return canonical(json.loads(proc.stdout), elements) or ""
+
+
+def same_structure(doc: dict[str, Any], table: str) -> bool:
+    """Has the live table (a listing) exactly the chains, rules and declarations of `table`
+    (what render() made, with or without elements)? Elements are compared by same_table(), on
+    parsed rulesets."""
+    return canonical(doc, elements=False) == canonical_of(table, elements=False)
+
+
+def _listed(rs: Ruleset) -> tuple[Any, ...]:
+    """Everything render() writes of a ruleset, with text as its comments carry it (made safe,
+    cut at 127 characters), so a ruleset parsed back from the kernel compares equal to the one
+    that was rendered."""
+    def src(s: Sources) -> tuple[Any, ...]:
+        named = s.names and not s.any and not s.nobody
+        return s.any, s.v4, s.v6, comment(", ".join(s.names)) if named else None
+
+    def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
+        return tuple((g.proto, g.ports, src(g.sources), comment(g.label, g.origin)) for g in gs)
+
+    return (gates(rs.container_gates), rs.unknown_published,
+            comment(TAG_UNKNOWN, rs.unknown_origin), rs.outside, tuple(sorted(rs.docker_bridges)),
+            tuple((d.address, d.proto, d.port, src(d.sources), comment(d.label, d.origin))
+                  for d in rs.direct),
+            None if rs.host is None else (gates(rs.host.gates), rs.host.default,
+                                          comment(TAG_HOST, rs.host.origin)))
+
+
+def same_table(live: Ruleset, desired: Ruleset) -> bool:
+    """Would render() write the same table (but for the stamp) for both rulesets? `live` is
+    parse_live()'s or a record's; the lists compare as sorted integer tuples, in C."""
+    return _listed(live) == _listed(desired)
 
 
 def apply_text(text: str) -> None:
-    run(["nft", "-f", "-"], stdin=text)
+    run(["nft", "-f", "-"], stdin=text, timeout=WHOLE_TABLE_TIMEOUT)
 
 
 # --- parsing the live table back into a ruleset ------------------------------------------------
 
-def _elem_networks(elem: Any) -> list[IPNetwork]:
+def _elem_text(elem: Any) -> str:
+    """A listed interval-set element as text parse_many() takes: an address or a prefix."""
     if isinstance(elem, str):
-        return [ipaddress.ip_network(elem)]
+        return elem
     if "prefix" in elem:
-        p = elem["prefix"]
-        return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
-    if "range" in elem:
-        lo, hi = (ipaddress.ip_address(a) for a in elem["range"])
-        return list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[arg-type]
+        return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
     if "elem" in elem:
-        return _elem_networks(elem["elem"]["val"])
-    raise OperationalError(f"unexpected set element in live table: {elem!r}")
+        return _elem_text(elem["elem"]["val"])
+    raise ValueError(elem)
+
+
+def _set_blocks(version: int, elems: list[Any]) -> list[int]:
+    """The blocks of a listed interval set: addresses and prefixes in bulk (C loops), ranges
+    (a hand-written `a-b`) one by one."""
+    # the two shapes nft lists for what dockfence writes, inline: no call per element
+    texts = [e if e.__class__ is str else
+             f"{e['prefix']['addr']}/{e['prefix']['len']}" if "prefix" in e else ""
+             for e in elems]
+    ranges = []
+    if "" in texts:  # anything else (ranges, wrapped elements): one by one
+        odd = [e for e, t in zip(elems, texts, strict=True) if not t]
+        texts = list(filter(None, texts))
+        for e in odd:
+            try:
+                texts.append(_elem_text(e))
+            except (ValueError, KeyError, TypeError):
+                ranges.append(e.get("range") if isinstance(e, dict) else None)
+    try:
+        blocks = addresses.parse_many(texts)[version == 6]
+    except addresses.BadEntry as exc:
+        raise OperationalError(f"unexpected set element in live table: {exc.text!r}") from None
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 2):
+            raise OperationalError(f"unexpected set element in live table: {r!r}")
+        first, last = (addresses.parse(a)[1] >> 8 for a in r)
+        blocks += addresses.of_range(version, first, last)
+    return blocks
 
 
 def _ports(val: Any) -> PortRange:
@@ -486,14 +574,20 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
-    sets: dict[str, list[IPNetwork]] = {}
+    sets: dict[str, tuple[int, ...]] = {}
     set_names: dict[str, tuple[str, ...]] = {}
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
         if "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
-            sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
+            version = 6 if s.get("type") == "ipv6_addr" else 4
+            blocks = _set_blocks(version, s.get("elem", []))
+            # What dockfence wrote was collapsed already and nft lists it in order; sorting
+            # (integers: cheap, and a no-op on sorted input) makes a hand-edited set compare
+            # as a set too.
+            blocks.sort()
+            sets[s["name"]] = tuple(blocks)
             if s.get("comment"):
                 set_names[s["name"]] = tuple(s["comment"].split(", "))
         elif "map" in obj:
@@ -515,13 +609,10 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
                 and e["match"]["right"].startswith("@")]
         if accepts and not refs:
             return Sources(any=True)
-        nets = [n for ref in sorted(refs, key=lambda r: r.endswith("_v6")) for n in sets[ref]]
-        # What dockfence wrote was collapsed already and nft lists it in order: sorting is
-        # enough to compare it with a compiled ruleset, and far cheaper than collapsing again.
         names = next((set_names[r] for r in refs if r in set_names), ())
-        v4 = sorted(n for n in nets if n.version == 4)
-        v6 = sorted(n for n in nets if n.version == 6)
-        return Sources(networks=(*v4, *v6), names=names)  # type: ignore[type-var]
+        v4 = next((sets[r] for r in refs if r.endswith("_v4")), ())
+        v6 = next((sets[r] for r in refs if r.endswith("_v6")), ())
+        return Sources(v4=v4, v6=v6, names=names)
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []

@@ -1,0 +1,120 @@
+"""Address lists kept in files (`lists: {geo: {file: lists/geo.txt}}`): where they are, reading
+them, and the digest of everything a policy reads, without the policy's validator.
+
+A list file holds one address or CIDR per line; `#` starts a comment, blank lines are fine.
+Relative paths are resolved against the policy's folder. Entries are validated straight into
+integer blocks (dockfence.addresses): a million-line file costs no `ipaddress` object.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+
+from . import addresses, stamp
+from .errors import PolicyError
+
+
+@dataclass(frozen=True)
+class ListFile:
+    name: str  # the list's name in the policy
+    shown: str  # the path as dockfence shows it: the policy's folder joined with what it wrote
+
+    @staticmethod
+    def at(name: str, written: str, policy_path: str) -> ListFile:
+        path = Path(written).expanduser()
+        if not path.is_absolute():
+            path = Path(policy_path).parent / path
+        return ListFile(name, os.path.normpath(path))
+
+    def label(self) -> str:
+        """How plan and status name the list: its name and where it came from."""
+        return f"{self.name} (file {self.shown})"
+
+
+def read_bytes(policy_path: str, line: int | None, lf: ListFile) -> bytes:
+    try:
+        return Path(lf.shown).read_bytes()
+    except OSError as exc:
+        raise PolicyError(policy_path, line, f"cannot read list file {lf.shown} of list "
+                          f"{lf.name!r}: {exc.strerror}", lf.shown) from None
+
+
+def parse(lf: ListFile, data: bytes) -> tuple[list[int], list[int]]:
+    """The file's (IPv4, IPv6) blocks; errors name the file, line and value."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise PolicyError(lf.shown, line, "not UTF-8 text") from None
+    lines = text.splitlines()
+    if "#" in text:  # C loops (map) throughout: a million lines cost no Python bytecode each
+        lines = list(map(operator.itemgetter(0), map(str.partition, lines, repeat("#"))))
+    cleaned = list(map(str.strip, lines))
+    try:
+        return addresses.parse_many(list(filter(None, cleaned)))
+    except addresses.BadEntry as exc:
+        numbers = [i for i, entry in enumerate(cleaned, 1) if entry]
+        raise PolicyError(lf.shown, numbers[exc.index], str(exc), exc.text) from None
+
+
+def policy_digest(policy_path: str, text: str | bytes,
+                  lists: list[tuple[ListFile, bytes]]) -> str:
+    """The digest of everything a policy's rules are made of: the path as given (origins quote
+    it), where it is (relative list files depend on it), its text (as UTF-8 bytes), and each
+    list file."""
+    data = text if isinstance(text, bytes) else text.encode()
+    chunks = [policy_path.encode(), os.path.abspath(policy_path).encode(), data]
+    for lf, data in lists:
+        chunks += [lf.name.encode(), lf.shown.encode(), os.path.abspath(lf.shown).encode(), data]
+    return stamp.digest(*chunks)
+
+
+def discover(text: str, policy_path: str) -> list[tuple[str, str]] | None:
+    """(name, written path) of the list files a policy names, found without validating it, so
+    that `apply` can tell "nothing changed" cheaply; None when unsure (the caller then loads the
+    policy properly). A policy that never spells `file` (nor escapes a character, which YAML
+    could use to spell it) has none, and its YAML need not even be parsed."""
+    if "file" not in text and "\\" not in text:
+        return []
+    try:
+        import yaml
+
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except Exception:  # any doubt: the full load decides, with its errors
+        return None
+    lists = doc.get("lists") if isinstance(doc, dict) else None
+    if lists is None:
+        return []
+    if not isinstance(lists, dict):
+        return None
+    found = []
+    for name, value in lists.items():
+        if isinstance(value, dict):
+            if not isinstance(value.get("file"), str):
+                return None
+            found.append((str(name), value["file"]))
+    return found
+
+
+def inputs_digest(policy_path: str) -> str | None:
+    """policy_digest() of the policy as it is on disk now, or None when only a full load can
+    tell (unreadable, odd YAML): cheap, it reads files and hashes them, nothing is validated."""
+    try:
+        text = Path(policy_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = discover(text, policy_path)
+    if found is None:
+        return None
+    lists = []
+    for name, written in found:
+        lf = ListFile.at(name, written, policy_path)
+        try:
+            lists.append((lf, Path(lf.shown).read_bytes()))
+        except OSError:
+            return None
+    return policy_digest(policy_path, text, lists)
