@@ -429,17 +429,17 @@ class PortStatus:
     refused: int | None = None
 
 
-def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]] | None,
+def _networks(sources: Sources, memo: dict[tuple[int, ...], list[str]] | None,
               ) -> list[str] | None:
     """Every network, as text; one list behind many ports is written out once. None when
     not asked for (memo None): a table of counts needs no million strings."""
     if memo is None:
         return None
-    if sources.any:
-        return ["any"]
-    key = (id(sources.v4), id(sources.v6))
+    key = (id(sources.v4), id(sources.v6), id(sources.deny_v4), id(sources.deny_v6))
     if key not in memo:
-        memo[key] = sources.texts()
+        denied = Sources(v4=sources.deny_v4, v6=sources.deny_v6).texts()
+        memo[key] = (["any"] if sources.any else sources.texts()) + [f"except {t}"
+                                                                      for t in denied]
     return memo[key]
 
 
@@ -476,7 +476,7 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
 
 def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
                  counts: dict[str, int] | None = None,
-                 memo: dict[tuple[int, int], list[str]] | None = None) -> PortStatus:
+                 memo: dict[tuple[int, ...], list[str]] | None = None) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -523,7 +523,7 @@ def status(networks: bool = True) -> Status:
     inv = discovery.inventory()
     live = live_rules()
     counts = (nft.live_counters() or {}) if live else {}
-    memo: dict[tuple[int, int], list[str]] | None = {} if networks else None
+    memo: dict[tuple[int, ...], list[str]] | None = {} if networks else None
     ports = [_port_status(c, b, live, inv, counts, memo) for c in inv.containers
              for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []

@@ -88,9 +88,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True)
 
 
+_EXCEPT_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "list names, addresses or CIDRs this rule refuses although `from` names "
+                   "them (a deny list: `from: any` with `except: [abusers]`)",
+}
+ExceptField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_EXCEPT_SCHEMA)]
+
+
 class _HostRule(_Strict):
     port: PortField
     from_: SourceField = Field(alias="from")
+    except_: ExceptField = Field([], alias="except")
 
 
 class _ContainerRule(_Strict):
@@ -98,6 +107,7 @@ class _ContainerRule(_Strict):
     port: PortField | None = None
     host_port: PortField | None = None
     from_: SourceField = Field(alias="from")
+    except_: ExceptField = Field([], alias="except")
 
 
 class _HostSection(_Strict):
@@ -291,11 +301,24 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
         seen[key] = Sources.of_blocks(v4, v6, any_, tuple(labels.get(e, e) for e in key))
         return seen[key]
 
+    def rule_sources(r: _HostRule | _ContainerRule, loc: tuple[str | int, ...]) -> Sources:
+        """`from` minus `except`, named as the policy wrote it ("any except abusers")."""
+        admitted = sources(r.from_, (*loc, "from"))
+        if not r.except_:
+            return admitted
+        if "any" in (str(e) for e in r.except_):
+            raise PolicyError(path, doc.line((*loc, "except")), "`except: any` refuses "
+                              "everyone; write `from: []` to admit nobody", "any")
+        refused = sources(r.except_, (*loc, "except"))
+        words = ", ".join(admitted.names or ("any",) if admitted.any else admitted.names)
+        return admitted.excepting(refused.v4, refused.v6,
+                                  (f"{words} except {', '.join(refused.names)}",))
+
     host_rules: list[HostRule] = []
     if raw.host is not None:
         for i, r in enumerate(raw.host.allow):
             loc = ("host", "allow", i)
-            host_rules.append(HostRule(r.port, sources(r.from_, (*loc, "from")),
+            host_rules.append(HostRule(r.port, rule_sources(r, loc),
                                        doc.line(loc) or 0))
 
     container_rules: list[ContainerRule] = []
@@ -309,7 +332,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
             raise PolicyError(path, line, "`port` is the container's own port: name the "
                               "`container` too, or use `host_port`")
         container_rules.append(ContainerRule(r.container, r.port, r.host_port,
-                                             sources(r.from_, (*loc, "from")), line))
+                                             rule_sources(r, loc), line))
 
     label_limit = None
     if raw.containers.labels is not None:

@@ -52,6 +52,7 @@ TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
 TAG_BANNED = "banned"
+TAG_EXCEPT = "except"
 TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
@@ -119,15 +120,24 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
 @dataclass
 class _Renderer:
     lines: list[str]
-    sets: dict[Sources, list[tuple[str, str]]]
+    sets: dict[Sources | tuple[str, Sources], list[tuple[str, str]]]
     elements: bool = True  # False: the structure only (sets without their addresses)
 
     def allow_sets(self, sources: Sources) -> list[tuple[str, str]]:
         """(family match, set name) of an allow-list's address sets, emitted once per list."""
-        if sources not in self.sets:
-            name = f"allow_{len(self.sets)}"
-            self.sets[sources] = []
-            for fam, version, blocks in (("ip", 4, sources.v4), ("ip6", 6, sources.v6)):
+        return self._address_sets(sources, "allow", sources.v4, sources.v6)
+
+    def deny_sets(self, sources: Sources) -> list[tuple[str, str]]:
+        """(family match, set name) of the addresses an allow-list's `except` refuses."""
+        return self._address_sets(sources, "deny", sources.deny_v4, sources.deny_v6)
+
+    def _address_sets(self, sources: Sources, kind: str, v4: tuple[int, ...],
+                      v6: tuple[int, ...]) -> list[tuple[str, str]]:
+        key = sources if kind == "allow" else (kind, sources)
+        if key not in self.sets:
+            name = f"{kind}_{len(self.sets)}"
+            self.sets[key] = []
+            for fam, version, blocks in (("ip", 4, v4), ("ip6", 6, v6)):
                 if blocks:
                     sname = f"{name}_v{version}"
                     elements = ", ".join(addresses.show_all(version, blocks)) \
@@ -142,17 +152,22 @@ class _Renderer:
                         *([f"\t\telements = {{ {elements} }}"] if elements else []),
                         "\t}",
                     ]
-                    self.sets[sources].append((fam, sname))
-        return self.sets[sources]
+                    self.sets[key].append((fam, sname))
+        return self.sets[key]
 
     def gate_chain(self, name: str, text: str, sources: Sources) -> str:
         """One chain per gate, so each port counts its own allowed and refused connections."""
         tests = [""] if sources.any else [] if sources.nobody else [
             f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
+        # `except`: refused before anything is accepted, counted and reported as refusals
+        denied = [refuse(f"{name}_refused", comment(TAG_EXCEPT, ", ".join(sources.names)),
+                         f"{fam} saddr @{sname} ")
+                  for fam, sname in (self.deny_sets(sources) if tests and sources.denies else [])]
         self.lines += [f"\tcounter {name}_allowed {{", "\t}",
                        f"\tcounter {name}_refused {{", "\t}",
                        f"\tchain {name} {{",
                        *(_banned(f"{name}_refused") if tests else []),
+                       *denied,
                        *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
                        *([] if sources.any else [refuse(f"{name}_refused", text)]),
                        "\t}"]
@@ -487,8 +502,9 @@ def _listed(rs: Ruleset) -> tuple[Any, ...]:
     cut at 127 characters), so a ruleset parsed back from the kernel compares equal to the one
     that was rendered."""
     def src(s: Sources) -> tuple[Any, ...]:
-        named = s.names and not s.any and not s.nobody
-        return s.any, s.v4, s.v6, comment(", ".join(s.names)) if named else None
+        named = s.names and (s.denies or (not s.any and not s.nobody))
+        return (s.any, s.v4, s.v6, s.deny_v4, s.deny_v6,
+                comment(", ".join(s.names)) if named else None)
 
     def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
         return tuple((g.proto, g.ports, src(g.sources), comment(g.label, g.origin)) for g in gs)
@@ -607,12 +623,18 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         refs = [e["match"]["right"][1:] for expr in accepts for e in expr
                 if isinstance(e.get("match", {}).get("right"), str)
                 and e["match"]["right"].startswith("@")]
+        denies = [e["match"]["right"][1:] for r in rules.get(target, [])
+                  if any("drop" in e for e in r["expr"]) for e in r["expr"]
+                  if isinstance(e.get("match", {}).get("right"), str)
+                  and e["match"]["right"].startswith("@deny_")]
+        d4 = next((sets[r] for r in denies if r.endswith("_v4")), ())
+        d6 = next((sets[r] for r in denies if r.endswith("_v6")), ())
+        names = next((set_names[r] for r in refs + denies if r in set_names), ())
         if accepts and not refs:
-            return Sources(any=True)
-        names = next((set_names[r] for r in refs if r in set_names), ())
+            return Sources(any=True, names=names if d4 or d6 else (), deny_v4=d4, deny_v6=d6)
         v4 = next((sets[r] for r in refs if r.endswith("_v4")), ())
         v6 = next((sets[r] for r in refs if r.endswith("_v6")), ())
-        return Sources(v4=v4, v6=v6, names=names)
+        return Sources(v4=v4, v6=v6, names=names, deny_v4=d4, deny_v6=d6)
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []
