@@ -145,15 +145,24 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
     with host_lock():
+        # Downloaded lists due for a refresh first: the digest below covers their saved copies,
+        # so an unchanged download is still a no-op. A failed one keeps its last good copy.
+        from . import listurls
+
+        fetched = listurls.refresh_lists(policy_path)
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
         if not full and not ssh:  # over SSH the lockout check needs the compiled rules
             quick, inv = _unchanged_by_stamp(policy_path)
             if quick is not None:
+                quick.warnings[:0] = fetched
                 return quick, 0
         from .plan import diff
 
-        pol, inv, desired = desired_state(policy_path, inv)
+        try:
+            pol, inv, desired = desired_state(policy_path, inv)
+        except listurls.MissingCopy as exc:  # say why the download failed, too
+            raise listurls.MissingCopy("\n".join([*fetched, str(exc)])) from None
         risk = lockout(desired, inv, ssh)
         if risk:
             raise LockoutError(risk)
@@ -168,7 +177,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         unchanged = live is not None and nft.same_table(live, desired) and (
             doc is None or nft.same_structure(doc, table))
         plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
-                    list(desired.warnings))
+                    fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
                 nft.apply_text(nft.stamp_update(st))
