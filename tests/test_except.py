@@ -131,3 +131,14 @@ def test_bad_except_names_file_line_and_value(rule: str, line: int, words: str) 
 def test_schema_knows_except() -> None:
     schema = policy.json_schema()
     assert "except" in str(schema)
+
+
+def test_plan_names_the_addresses_an_except_shuts_out() -> None:
+    from dockfence.plan import diff
+
+    before = policy.parse(POLICY.replace(", except: 203.0.113.9", ""), "p.yaml")
+    after = policy.parse(POLICY, "p.yaml")
+    changed = [c for c in diff(compile_policy(before, scenario()),
+                               compile_policy(after, scenario())) if c.kind == "change"]
+    assert [(c.before, c.after, c.added, c.removed) for c in changed] == [
+        ("office", "office except 203.0.113.9", [], ["203.0.113.9"])]
