@@ -8,6 +8,7 @@ integer blocks (dockfence.addresses): a million-line file costs no `ipaddress` o
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ def discover(text: str, policy_path: str) -> list[tuple[str, str, Any]] | None:
     to spell them) has none, and its YAML need not even be parsed."""
     if "file" not in text and "url" not in text and "\\" not in text:
         return []
+    return _discover(text)
+
+
+@functools.lru_cache(maxsize=2)  # apply asks twice (refresh, then the digest): parse once
+def _discover(text: str) -> list[tuple[str, str, Any]] | None:
     try:
         import yaml
 

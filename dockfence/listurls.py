@@ -81,6 +81,10 @@ class ListURL:
     url: str
     refresh: int = DEFAULT_REFRESH  # seconds
 
+    def __post_init__(self) -> None:
+        if not LIST_NAME_RE.match(self.name):  # it becomes a file name: never a path
+            raise ValueError(f"not a list name: {self.name!r}")
+
     def label(self) -> str:
         """How plan, status and errors name the list: its name and where it comes from."""
         return f"list {self.name!r} from {self.url}"
