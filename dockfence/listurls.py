@@ -198,17 +198,25 @@ def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> byte
                                      "within the time allowed)")
                 chunks.append(chunk)
     except urllib.error.HTTPError as exc:
-        raise FetchError(f"HTTP {exc.code}: {exc.reason}") from None
+        raise FetchError(f"HTTP {exc.code}: {_said(exc.reason)}") from None
     except urllib.error.URLError as exc:
-        raise FetchError(f"cannot download: {exc.reason}") from None
+        raise FetchError(f"cannot download: {_said(exc.reason)}") from None
     except (OSError, ValueError) as exc:  # timeouts, resets, malformed answers
-        raise FetchError(f"cannot download: {exc}") from None
+        raise FetchError(f"cannot download: {_said(exc)}") from None
     except http.client.HTTPException as exc:
-        raise FetchError(f"malformed answer: {exc!r}") from None
+        raise FetchError(f"malformed answer: {_said(repr(exc))}") from None
     data = b"".join(chunks)
     if data.lstrip()[:1] == b"<":
         raise FetchError("the answer looks like HTML or XML, not a list of addresses")
     return data
+
+
+def _said(what: object, limit: int = 200) -> str:
+    """What a server (or the network stack) said, on one line, printable and short: a status
+    line's reason is the server's to choose."""
+    text = " ".join(str(what).split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def save(lu: ListURL, data: bytes, now: float) -> None:
@@ -241,7 +249,9 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
     now = time.time() if now is None else now
     try:
         data = fetch(lu.url, **limits)
-        listfiles.parse_at(lu.label(), data)  # the whole answer is validated before it is kept
+        v4, v6 = listfiles.parse_at(lu.label(), data)  # all validated before it is kept
+        if not v4 and not v6:  # a truncated or emptied upstream file, not a decision
+            raise FetchError("the answer holds no addresses")
     except (FetchError, PolicyError) as exc:
         _note_failure(lu, now)
         meta = _meta(lu)

@@ -50,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"203.0.113.10\n" * 100)
         elif path == "/huge":  # announces a gigabyte
             self.send(b"203.0.113.10\n", length=1 << 30)
+        elif path == "/empty":
+            self.send(b"# nothing today\n")
         elif path == "/other":
             self.send(b"198.51.100.50\n")
         elif path.startswith("/loop"):

@@ -122,6 +122,7 @@ def test_good_list_is_kept(served: Served) -> None:
     ("html", "an HTML page (text/html)", {}),
     ("html-as-text", "looks like HTML", {}),
     ("bad", ":2: not an IP address or CIDR", {}),
+    ("empty", "holds no addresses", {}),
     ("big", "more than the 100,000 bytes", {"max_bytes": 100_000}),
     ("huge", "1,073,741,824 bytes", {}),
     ("loop", "HTTP 302", {}),
