@@ -13,6 +13,7 @@ redirects (a redirect loop ends).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -253,7 +254,8 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
         if not v4 and not v6:  # a truncated or emptied upstream file, not a decision
             raise FetchError("the answer holds no addresses")
     except (FetchError, PolicyError) as exc:
-        _note_failure(lu, now)
+        with contextlib.suppress(OSError):  # a read-only state directory: the next try tells
+            _note_failure(lu, now)
         meta = _meta(lu)
         kept = "there is no good copy"
         if meta is not None and saved(lu) is not None:
@@ -261,7 +263,10 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
             kept = f"the copy downloaded {when} stays in force"
         why = str(exc) if isinstance(exc, FetchError) else f"rejected: {exc}"
         return f"{lu.label()}: {why}; {kept}"
-    save(lu, data, now)
+    try:
+        save(lu, data, now)
+    except OSError as exc:
+        return f"{lu.label()}: cannot keep the download in {lu.copy.parent}: {exc.strerror}"
     return None
 
 
