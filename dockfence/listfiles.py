@@ -134,7 +134,8 @@ def inputs_digest(policy_path: str) -> str | None:
         if kind == "url":
             from .listurls import LIST_NAME_RE, ListURL, saved
 
-            data = saved(ListURL(name, value["url"])) if LIST_NAME_RE.match(name) else None
+            data = saved(ListURL(name, value["url"]), verify=False) \
+                if LIST_NAME_RE.match(name) else None
             if data is None:
                 return None
             downloaded.append((name, value["url"], data))
