@@ -267,6 +267,17 @@ def remove() -> None:
 
 
 @main.command()
+@_errors
+def restore() -> None:
+    """Load the rules applied last (recorded in $DOCKFENCE_STATE_DIR, default
+    /var/lib/dockfence) without Docker or the policy: for boot, before Docker starts."""
+    if engine.restore():
+        out.print("Restored the rules applied last (table inet dockfence).")
+    else:
+        out.print("Nothing saved: dockfence has not applied anything on this host.")
+
+
+@main.command()
 @click.option("--docker-bin-dir", type=click.Path(file_okay=False), default=None,
               help="Run the sandbox's dockerd from this directory (e.g. Docker 28.5).")
 @click.option("--keep", is_flag=True, help="Leave the sandbox running (prints how to remove it).")

@@ -21,6 +21,8 @@ from .model import (
     Proto,
     Ruleset,
     Sources,
+    bridge_names,
+    covered_by_patterns,
     find_gate,
 )
 from .policy import ContainerRule, Policy
@@ -197,10 +199,10 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
                          f"{policy.where(policy.lines['host.default'])} "
                          f"(host.default: {policy.host_default})")
 
-    bridges = tuple(sorted(set(inventory.bridges)))
+    bridges = bridge_names(inventory.bridges)
     if policy.interfaces:
         for name in policy.interfaces:
-            if name in bridges:
+            if name in inventory.bridges or covered_by_patterns(name):
                 warnings.append(f"{policy.path}: interface {name} is a Docker bridge; "
                                 "traffic from containers on it will be filtered as outside")
     return Ruleset(

@@ -12,12 +12,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import discovery, policy
+from . import discovery, policy, state
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError, UsageError
 from .explain import explain
-from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
+from .model import (
+    Binding,
+    Container,
+    Inventory,
+    Ruleset,
+    Sources,
+    covered_by_patterns,
+    find_gate,
+    show_network,
+)
 from .plan import Change, diff
 from .run import run
 
@@ -101,18 +110,41 @@ def apply(policy_path: str, force: bool = False,
                                           os.environ.get("SSH_CONNECTION"))
         if risk:
             raise LockoutError(risk)
+        record = state.Record()
         if plan.unchanged:
+            if not record.exists():
+                record.save_table(plan.table)
             return plan, 0
         previous = nft.live_text()
-        nft.apply_text(nft.transaction(plan.table))
+        # Recorded first: a stale record would bring back older rules at the next boot.
+        forget = record.save_table(plan.table)
+        try:
+            nft.apply_text(nft.transaction(plan.table))
+        except BaseException:
+            forget()
+            raise
         if nft.canonical(nft.live_json()) != plan.desired_canonical:
             _restore(previous)
+            forget()
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
         if confirm is not None and not confirm():
             _restore(previous)
+            forget()
             raise RolledBack("not confirmed: the previous rules were restored")
         return plan, revoke(plan.live, plan.desired, plan.inventory)
+
+
+def restore() -> bool:
+    """Load the last recorded table (and watch's updates since) in one transaction, without
+    Docker or the policy. False when nothing was recorded; StateError (nothing changed) when
+    the record is damaged."""
+    loaded = state.Record().load()
+    if loaded is None:
+        return False
+    with host_lock():
+        nft.apply_text(nft.transaction(loaded[1]))
+    return True
 
 
 def _restore(previous: str | None) -> None:
@@ -124,6 +156,7 @@ def _restore(previous: str | None) -> None:
 
 def remove() -> bool:
     with host_lock():
+        state.Record().forget()  # nothing to bring back at the next boot
         if nft.live_json() is None:
             return False
         nft.apply_text(nft.removal())
@@ -318,7 +351,8 @@ def status() -> Status:
         if p.warning:
             warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")
     if live is not None:
-        missing = sorted(set(inv.bridges) - set(live.docker_bridges))
+        missing = sorted(b for b in inv.bridges
+                         if b not in live.docker_bridges and not covered_by_patterns(b))
         if missing:
             warnings.append(f"Docker network bridge(s) {', '.join(missing)} appeared after the "
                             "last apply: ports first published there are not filtered until "

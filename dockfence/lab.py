@@ -591,6 +591,8 @@ class Lab:
             if k not in ("DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
         }
         env["DOCKER_HOST"] = self.docker_host
+        # dockfence's record of what it applied: per lab, never the machine's /var/lib
+        env["DOCKFENCE_STATE_DIR"] = str(self.base / "state")
         # Lab's Docker first, then the caller's PATH (its python/venv), then the system dirs.
         parts = [self.docker_bin_dir or "", *os.environ.get("PATH", "").split(":")]
         parts += SYSTEM_PATH.split(":")

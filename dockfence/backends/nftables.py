@@ -45,6 +45,7 @@ TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
+BRIDGE_SET = "bridges"  # Docker's bridge interfaces: names and wildcards (`br-*`)
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/;,()@+=*-]")
 
@@ -148,31 +149,33 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
                           and g.address.version == version])
 
     revoked = f"\t\tct mark {REVOKED_MARK:#x} counter drop comment {comment(TAG_REVOKED)}"
+    # Docker's bridges: a named set that watch extends with one element update, holding the
+    # patterns of Docker's own names, so a network created after the apply is known at once.
+    r.lines += [f"\tset {BRIDGE_SET} {{", "\t\ttype ifname", "\t\tflags interval",
+                *([f"\t\telements = {{ {_ifnames(rs.docker_bridges)[2:-2]} }}"]
+                  if rs.docker_bridges else []), "\t}"]
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
-    scope = []
-    if rs.outside is not None:
-        scope.append(f"\t\tiifname != {_ifnames(rs.outside)} accept")
-    elif rs.docker_bridges:
-        scope.append(f"\t\tiifname {_ifnames(rs.docker_bridges)} accept")
+    scope = (f"\t\tiifname != {_ifnames(rs.outside)} accept" if rs.outside is not None
+             else f"\t\tiifname @{BRIDGE_SET} accept")
     r.lines += [
         "\tchain forward {",
         f"\t\ttype filter hook forward priority {PRIORITY}; policy accept;",
         revoked,
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
-        *scope,
+        scope,
         # Gated ports first, whichever bridge they lead to: a container recreated on a network
         # that appeared after the last apply keeps its allow-list.
         "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
         "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
-    ]
-    if rs.docker_bridges:
-        r.lines.append(f"\t\toifname {_ifnames(rs.docker_bridges)} goto to_containers")
-    r.lines += [
-        "\t}",
-        "\tchain to_containers {",
+        # Fail closed: Docker's DNAT only rewrites traffic addressed to the host itself, so a
+        # DNATed connection from outside that no gate names is a port published since the last
+        # apply, on whatever network (known, created since, or named in no set).
         f"\t\tct status dnat counter {_verdict(rs.unknown_published)} comment "
         f"{comment(TAG_UNKNOWN, rs.unknown_origin)}",
+        f"\t\toifname @{BRIDGE_SET} goto to_containers",
+        "\t}",
+        "\tchain to_containers {",
         *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
           for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
         f"\t\tcounter drop comment {comment(TAG_DIRECT)}",
@@ -182,7 +185,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
         revoked,
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
-        *scope,
+        scope,
         "\t\ttcp dport vmap @tcp_ports",
         "\t\tudp dport vmap @udp_ports",
     ]
@@ -319,11 +322,14 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
     sets: dict[str, list[IPNetwork]] = {}
+    bridges: tuple[str, ...] = ()
     set_names: dict[str, tuple[str, ...]] = {}
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
-        if "set" in obj and obj["set"]["name"] != STAMP_SET:
+        if "set" in obj and obj["set"]["name"] == BRIDGE_SET:
+            bridges = tuple(obj["set"].get("elem", []))
+        elif "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
             sets[s["name"]] = [n for e in s.get("elem", []) for n in _elem_networks(e)]
             if s.get("comment"):
@@ -369,17 +375,17 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
                 return verdict, origin
         return None
 
-    def ifnames(key: str, negated: bool) -> tuple[str, ...] | None:
-        """The interface names of the forward rule matching `key` (iifname/oifname)."""
+    def outside() -> tuple[str, ...] | None:
+        """The interface names of the forward rule `iifname != {...} accept`, if any."""
         for rule in rules.get("forward", []):
             for e in rule["expr"]:
                 m = e.get("match", {})
-                if m.get("left") == {"meta": {"key": key}} and (m.get("op") == "!=") == negated:
+                if m.get("left") == {"meta": {"key": "iifname"}} and m.get("op") == "!=":
                     right = m["right"]
                     return tuple(sorted(right["set"])) if isinstance(right, dict) else (right,)
         return None
 
-    unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
+    unknown = tagged("forward", TAG_UNKNOWN) or ("deny", "")
     host_default = tagged("input", TAG_HOST)
     host = None
     if host_default is not None:
@@ -389,8 +395,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp")),
         unknown_published=unknown[0],
         unknown_origin=unknown[1],
-        outside=ifnames("iifname", negated=True),
-        docker_bridges=ifnames("oifname", negated=False) or (),
+        outside=outside(),
+        docker_bridges=bridges,
         direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
                      for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,
