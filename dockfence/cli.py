@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import engine, policy
+from . import watch as live_guard
 from .errors import DockfenceError
 from .explain import explain as explain_verdict
 from .explain import parse_port_arg
@@ -164,12 +165,12 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None) -> None:
 
 @main.command()
 @policy_option
-@click.option("--interval", type=click.FloatRange(0.2, 60), default=2.0, show_default=True,
-              help="Seconds between checks of Docker's events and the policy file.")
 @_errors
-def watch(policy_path: str, interval: float) -> None:
-    """Keep the rules right while containers and networks come and go: apply now, then again on
-    every relevant Docker event or policy edit. Stop with Ctrl-C (the rules stay)."""
+def watch(policy_path: str) -> None:
+    """Keep the rules in step with Docker: a full apply now, then element updates on every
+    container or network event, and a full apply on every policy edit or when the table was
+    deleted. Tells systemd when ready (Type=notify). Stop with Ctrl-C or SIGTERM: the rules
+    stay."""
     policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
 
     def report(line: str) -> None:
@@ -178,7 +179,7 @@ def watch(policy_path: str, interval: float) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
-        engine.watch(policy_path, report, interval=interval, stop=stop)
+        live_guard.run(policy_path, report, stop)
     report("stopped; the rules stay in place")
 
 

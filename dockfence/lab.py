@@ -576,11 +576,20 @@ class Lab:
 
         containerd keeps running. Containers with --restart=always come back by themselves.
         """
+        self.stop_dockerd()
+        t0 = time.monotonic()
+        self.start_dockerd()
+        self.timings["dockerd_restart"] = time.monotonic() - t0
+
+    def stop_dockerd(self) -> None:
+        """Stop dockerd as a shutdown does (its containers stop); containerd keeps running."""
         self._terminate(self._dockerd, self.base / "docker.pid", grace=30)
         self._dockerd = None
-        t0 = time.monotonic()
+
+    def start_dockerd(self) -> None:
+        """Start dockerd again after stop_dockerd(), as a boot does: --restart always
+        containers come back by themselves."""
         self._start_dockerd()
-        self.timings["dockerd_restart"] = time.monotonic() - t0
 
     # --- commands ------------------------------------------------------------------------
 

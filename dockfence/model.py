@@ -283,3 +283,6 @@ class Ruleset:
     direct: tuple[DirectGate, ...] = ()  # container address:port reachable without NAT
     host: HostRules | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # every allow-list the container rules name, selected or not: each gets its chain at apply,
+    # so a container that appears later needs element updates only
+    allow_lists: tuple[Sources, ...] = field(default=(), compare=False)

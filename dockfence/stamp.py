@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from . import __version__
+from .model import Inventory
 
 FORMAT = 1
 _STAMP_RE = re.compile(
@@ -47,3 +48,9 @@ class Stamp:
         if m is None or int(m["format"]) != FORMAT:
             return None
         return Stamp(m["policy"], m["inventory"], m["version"])
+
+
+def inventory_digest(inv: Inventory) -> str:
+    """The digest of what Docker runs, as far as the rules depend on it. (Stand-in until the
+    speed work's version lands; watch and apply must use the same one.)"""
+    return digest(repr(inv).encode())

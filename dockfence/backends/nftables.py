@@ -64,44 +64,66 @@ def _ifnames(names: tuple[str, ...]) -> str:
     return "{ " + ", ".join(f'"{n}"' for n in names) + " }"
 
 
+def same_list(a: Sources, b: Sources) -> bool:
+    """Equal allow-lists, identity first: the same policy list is the same tuple, and comparing
+    (or hashing) 100,000 networks on every watch event is what this avoids."""
+    return a.any == b.any and (a.networks is b.networks or (
+        len(a.networks) == len(b.networks) and a.networks == b.networks))
+
+
+def chain_order(rs: Ruleset) -> list[Sources]:
+    """The allow-lists that get a chain, in the order of their names (allow_0, allow_1 ...):
+    every list the policy names first, so the names and the table's shape depend on the policy
+    alone and a container that appears later finds its chain; then unions of several rules."""
+    out: list[Sources] = []
+    gates: list[Sources] = [g.sources for g in rs.container_gates]
+    gates += [g.sources for g in rs.host.gates] if rs.host else []
+    gates += [d.sources for d in rs.direct]
+    for s in (*rs.allow_lists, *gates):
+        if not s.any and not s.nobody and not any(same_list(s, k) for k in out):
+            out.append(s)
+    return out
+
+
 @dataclass
 class _Renderer:
     lines: list[str]
-    chains: dict[Sources, str]
+    chains: list[tuple[Sources, str]]
 
-    def allow_chain(self, sources: Sources) -> str:
-        """A verdict for one allow-list: accept/drop, or a jump to a chain testing its sets."""
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+    def chain_of(self, sources: Sources) -> str:
         if sources.any:
             return "accept"
         if sources.nobody:
             return "drop"
-        if sources not in self.chains:
-            name = f"allow_{len(self.chains)}"
-            self.chains[sources] = name
-            body = []
-            for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
-                if nets:
-                    sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
-                    elements = ", ".join(show_network(n) for n in nets)
-                    self.lines += [
-                        f"\tset {sname} {{",
-                        f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
-                        "\t\tflags interval",
-                        # how the policy wrote it, so status can say "office" again
-                        *([f"\t\tcomment {comment(', '.join(sources.names))}"]
-                          if sources.names else []),
-                        f"\t\telements = {{ {elements} }}",
-                        "\t}",
-                    ]
-                    body.append(f"\t\t{fam} saddr @{sname} accept")
-            self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
-        return f"jump {self.chains[sources]}"
+        return "jump " + next(n for s, n in self.chains if same_list(s, sources))
+
+    def allow_chain(self, name: str, sources: Sources) -> None:
+        """A chain testing one allow-list's sets."""
+        body = []
+        for fam, nets in (("ip", sources.v4()), ("ip6", sources.v6())):
+            if nets:
+                sname = f"{name}_v{fam[-1] if fam == 'ip6' else '4'}"
+                elements = ", ".join(show_network(n) for n in nets)
+                self.lines += [
+                    f"\tset {sname} {{",
+                    f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
+                    "\t\tflags interval",
+                    # how the policy wrote it, so status can say "office" again
+                    *([f"\t\tcomment {comment(', '.join(sources.names))}"]
+                      if sources.names else []),
+                    f"\t\telements = {{ {elements} }}",
+                    "\t}",
+                ]
+                body.append(f"\t\t{fam} saddr @{sname} accept")
+        self.lines += [f"\tchain {name} {{", *body, "\t\tcounter drop", "\t}"]
 
     def verdict_map(self, name: str, key_type: str, interval: bool,
                     entries: list[tuple[str, str, Sources]]) -> None:
         """A map from `key` to the verdict of its allow-list; entries: (key, comment, sources)."""
-        # Elements first: they emit the chains and sets they jump to, which must come before.
-        elements = ", ".join(f"{key} comment {text} : {self.allow_chain(sources)}"
+        elements = ", ".join(f"{key} comment {text} : {self.chain_of(sources)}"
                              for key, text, sources in entries)
         self.lines += [f"\tmap {name} {{", f"\t\ttype {key_type} : verdict",
                        *(["\t\tflags interval"] if interval else [])]
@@ -134,9 +156,20 @@ def _stamp_set(stamp: Stamp | None) -> list[str]:
 
 def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it."""
-    r = _Renderer(lines=[], chains={})
+    return _render(rs, stamp).text()
+
+
+def allow_chains(rs: Ruleset) -> list[tuple[Sources, str]]:
+    """Which chain render() gives each allow-list (watch adds elements that jump to them)."""
+    return [(s, f"allow_{i}") for i, s in enumerate(chain_order(rs))]
+
+
+def _render(rs: Ruleset, stamp: Stamp | None) -> _Renderer:
+    r = _Renderer(lines=[], chains=allow_chains(rs))
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp)]
+    for sources, name in r.chains:
+        r.allow_chain(name, sources)
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -207,7 +240,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None) -> str:
         "\t}",
         "}",
     ]
-    return "\n".join(r.lines) + "\n"
+    return r
 
 
 def transaction(table: str) -> str:
