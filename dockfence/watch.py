@@ -35,6 +35,7 @@ QUIET = 0.02  # a burst ends after this long without events...
 BURST = 0.25  # ...or after this long in all
 CHECK = 0.5  # seconds between checks of the policy file and of the table itself
 LOCK_WAIT = 5.0  # how long to wait for another dockfence (a manual apply) to finish
+GONE = "table inet dockfence disappeared"
 
 
 def notify(message: str) -> None:
@@ -139,6 +140,8 @@ class Watcher:
                     changed.append(item)
             self._check_policy_and_table()
             if not self.connected:
+                if self.pending.startswith(GONE):
+                    self._restore_without_docker()
                 continue
             if self.pending:
                 self._full(self.pending)
@@ -164,7 +167,7 @@ class Watcher:
         if mtime != self.mtime:
             self.mtime = mtime
             self.pending = self.pending or "policy file changed"
-        if self.guard is None or self.pending:
+        if self.guard is None or self.pending.startswith(GONE):
             return
         try:
             handle = netlink.table_handle(nft.TABLE)
@@ -172,16 +175,28 @@ class Watcher:
             self.report(f"cannot read the table's handle: {exc}")
             return
         if handle is None:
-            self.pending = ("table inet dockfence disappeared (nft flush ruleset? a firewall "
-                            "reload?): putting it back")
+            self.pending = f"{GONE} (nft flush ruleset? a firewall reload?): putting it back"
             self.report(self.pending)
-        elif handle != self.guard.handle:
+        elif handle != self.guard.handle and not self.pending:
             self.pending = "table inet dockfence was replaced by someone else: full resync"
 
     def _drop_link(self) -> None:
         if self.link is not None:
             self.link.close()
             self.link = None
+
+    def _restore_without_docker(self) -> None:
+        """The table went while no full apply can run (Docker unreachable, the policy file
+        broken): the record brings the last rules back now."""
+        try:
+            engine.restore()
+        except DockfenceError as exc:
+            self.report(f"cannot restore the recorded rules: {exc}")
+            return
+        assert self.guard is not None
+        self.guard.handle = netlink.table_handle(nft.TABLE)
+        self.pending = ""
+        self.report("restored the recorded rules")
 
     # --- full sync ---------------------------------------------------------------------------
 
@@ -194,6 +209,8 @@ class Watcher:
             self.report(f"{reason}: policy rejected, keeping the current rules: {exc}")
             self.pending = ""  # wait for the next edit rather than repeating the error
             if self.guard is not None:
+                if netlink.table_handle(nft.TABLE) is None:  # and the table went meanwhile
+                    self._restore_without_docker()
                 self._ready()
             return
         except DockfenceError as exc:
