@@ -3,9 +3,10 @@
 When containers come and go, the policy's shape stays: the same chains, the same allow-list
 sets. What moves is which host ports (and routed container addresses) jump to which allow-list,
 and which bridges exist. `element_update()` turns two rulesets into the few element additions
-and deletions between them, for the kernel (netlink ops) and for the record (the same change as
-nft commands, replayed by `restore`). It answers None when the change needs a full table:
-the shape differs (an allow-list no chain holds yet, a setting, the host rules).
+and deletions between them, for the kernel (netlink ops), and for the record the new content
+of each set or map they touch (nft commands that `restore` runs after loading the table). It
+answers None when the change needs a full table: the shape differs (an allow-list no chain
+holds yet, a setting, the host rules).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ Chains = list[tuple[Sources, str]]
 @dataclass(frozen=True)
 class ElementUpdate:
     ops: list[nl.Op]  # for the kernel, in order: deletions first
-    text: str  # the same, as nft commands, for the record
+    text: str  # for the record: nft commands giving each changed set or map its new content
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -74,8 +75,13 @@ def _direct_entries(gates: Iterable[DirectGate], version: int, proto: str) -> di
 class _Builder:
     def __init__(self, chains: Chains) -> None:
         self.chains = chains
-        self.deletes: list[tuple[nl.Op, str]] = []
-        self.adds: list[tuple[nl.Op, str]] = []
+        self.deletes: list[nl.Op] = []
+        self.adds: list[nl.Op] = []
+        # name -> nft commands that give the set or map its whole new content. The record keeps
+        # these rather than the element deltas: nft 1.0.6 silently ignores `delete element` of
+        # an interval element created earlier in the same transaction (as restore's would be),
+        # while flush + add works there.
+        self.snapshots: dict[str, str] = {}
 
     def _elements(self, interval: bool, first: bytes, last: bytes, verdict: str | None,
                   text: str | None) -> tuple[nl.Element, ...]:
@@ -83,27 +89,37 @@ class _Builder:
             return nl.interval(first, last, verdict, text)
         return (nl.Element(first, verdict, text),)
 
+    def _snapshot(self, kind: str, name: str, elements: list[str]) -> None:
+        text = f"flush {kind} {FAMILY} {TABLE} {name}\n"
+        if elements:
+            text += f"add element {FAMILY} {TABLE} {name} {{ {', '.join(elements)} }}\n"
+        self.snapshots[name] = text
+
     def map_diff(self, name: str, interval: bool, old: dict[str, _Entry],
                  new: dict[str, _Entry]) -> bool:
         """Queue the changes of one verdict map; False when one needs a chain that is missing."""
-        for key in old.keys() | new.keys():
+        changed = False
+        content = []
+        for key in sorted(old.keys() | new.keys()):
             before, after = old.get(key), new.get(key)
             v_before = verdict_of(before[4], self.chains) if before else None
             v_after = verdict_of(after[4], self.chains) if after else None
-            if after is not None and v_after is None:
-                return False
+            if after is not None:
+                if v_after is None:
+                    return False
+                content.append(f'{key} comment "{after[3]}" : {v_after}')
             if before is not None and after is not None and \
                     (before[3], v_before) == (after[3], v_after):
                 continue
+            changed = True
             if before is not None:
-                els = self._elements(interval, before[1], before[2], None, None)
-                self.deletes.append((nl.Op(False, name, els),
-                                     f"delete element {FAMILY} {TABLE} {name} {{ {key} }}"))
+                self.deletes.append(nl.Op(False, name, self._elements(
+                    interval, before[1], before[2], None, None)))
             if after is not None:
-                els = self._elements(interval, after[1], after[2], v_after, after[3])
-                self.adds.append((nl.Op(True, name, els),
-                                  f'add element {FAMILY} {TABLE} {name} {{ {key} comment '
-                                  f'"{after[3]}" : {v_after} }}'))
+                self.adds.append(nl.Op(True, name, self._elements(
+                    interval, after[1], after[2], v_after, after[3])))
+        if changed:
+            self._snapshot("map", name, content)
         return True
 
     def bridges(self, old: tuple[str, ...], new: tuple[str, ...]) -> bool:
@@ -113,23 +129,21 @@ class _Builder:
         for names, add in ((sorted(gone), False), (sorted(came), True)):
             for n in names:
                 key = nl.ifname_key(n)
-                op = nl.Op(add, BRIDGE_SET, nl.interval(key, key))
-                text = f'{"add" if add else "delete"} element {FAMILY} {TABLE} {BRIDGE_SET} ' \
-                       f'{{ "{n}" }}'
-                (self.adds if add else self.deletes).append((op, text))
+                (self.adds if add else self.deletes).append(
+                    nl.Op(add, BRIDGE_SET, nl.interval(key, key)))
+        if gone or came:
+            self._snapshot("set", BRIDGE_SET, [f'"{n}"' for n in new])
         return True
 
     def update(self, stamp: Stamp | None) -> ElementUpdate:
-        pairs = self.deletes + self.adds
-        if pairs and stamp is not None:
+        ops = self.deletes + self.adds
+        if ops and stamp is not None:
             # the stamp describes the table it sits in: replaced in the same transaction
             one = nl.port_key(1)
-            pairs += [(nl.Op(False, STAMP_SET, (nl.Element(one),)),
-                       f"delete element {FAMILY} {TABLE} {STAMP_SET} {{ 1 }}"),
-                      (nl.Op(True, STAMP_SET, (nl.Element(one, comment=stamp.text()),)),
-                       f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment "
-                       f"{comment(stamp.text())} }}")]
-        return ElementUpdate([op for op, _ in pairs], "".join(t + "\n" for _, t in pairs))
+            ops += [nl.Op(False, STAMP_SET, (nl.Element(one),)),
+                    nl.Op(True, STAMP_SET, (nl.Element(one, comment=stamp.text()),))]
+            self._snapshot("set", STAMP_SET, [f"1 comment {comment(stamp.text())}"])
+        return ElementUpdate(ops, "".join(self.snapshots.values()) if ops else "")
 
 
 def _shape(rs: Ruleset) -> tuple[object, ...]:

@@ -3,10 +3,11 @@
 Two files under $DOCKFENCE_STATE_DIR (default /var/lib/dockfence):
 - `table.nft`: the last full table, as rendered, after a header line naming its generation
   and the digest of the text;
-- `journal.nft`: the element updates watch made since (nft commands), each after a header
-  naming the generation it applies to, its length and digest. A full apply starts a new
-  generation, so entries left from an older one are ignored (compaction needs no rewrite of a
-  100k-entry table per event).
+- `journal.nft`: watch's updates since, each after a header naming the generation it applies
+  to, its length and digest; an update is the new content of every set or map it touched
+  (`flush map ... NAME` + `add element ...`), so restore keeps only the last one of each.
+  A full apply starts a new generation, so entries left from an older one are ignored
+  (compaction needs no rewrite of a 100k-entry table per event).
 
 Both are written before the kernel changes and undone if the kernel refuses. A journal entry
 cut short (a crash while writing it) was never applied to the kernel either, so it is dropped;
@@ -72,6 +73,21 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def latest(entries: list[str]) -> str:
+    """The journal's entries are blocks that each start with `flush set|map ... NAME` and give
+    that set or map its whole content: only the last block of each name counts."""
+    blocks: dict[str, list[str]] = {}
+    for entry in entries:
+        for line in entry.splitlines(keepends=True):
+            if line.startswith("flush "):
+                name = line.split()[-1]
+                blocks.pop(name, None)  # re-inserted last: the order of the last updates
+                blocks[name] = [line]
+            elif blocks:
+                blocks[next(reversed(blocks))].append(line)
+    return "".join("".join(b) for b in blocks.values())
 
 
 class Record:
@@ -173,7 +189,7 @@ class Record:
         if m is None or _sum(body) != m[2]:
             raise StateError(f"{self.table_path} is damaged (header or digest does not match)")
         generation = m[1]
-        return generation, body + "".join(self._entries(journal, generation))
+        return generation, body + latest(self._entries(journal, generation))
 
     def _entries(self, journal: bytes, generation: str) -> list[str]:
         out, pos = [], 0

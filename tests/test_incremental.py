@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dockfence import policy
+from dockfence.backends import netlink as nl
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.incremental import element_update, verdict_of
@@ -59,11 +60,14 @@ def test_only_what_differs_is_updated() -> None:
     old, new = compile_policy(PARSED, scenario()), compile_policy(PARSED, later())
     up = element_update(old, new, nft.allow_chains(old))
     assert up is not None
-    text = up.text
-    assert "delete element inet dockfence tcp_ports { 8081 }" in text
-    assert "add element inet dockfence tcp_ports { 8083 " in text
-    assert 'add element inet dockfence bridges { "lan-docker" }' in text
-    assert "tcp_ports { 5432 " not in text  # postgres did not change
+    ops = {(op.add, op.set, op.elements[0].key) for op in up.ops}
+    assert (False, "tcp_ports", nl.port_key(8081)) in ops
+    assert (True, "tcp_ports", nl.port_key(8083)) in ops
+    assert (True, "bridges", nl.ifname_key("lan-docker")) in ops
+    assert not any(op.elements[0].key == nl.port_key(5432) for op in up.ops)  # postgres stays
+    # the record gets each touched map's whole new content
+    assert "flush map inet dockfence tcp_ports\n" in up.text and "5432 comment" in up.text
+    assert '"lan-docker"' in up.text and "udp_ports" not in up.text
     assert element_update(old, old, nft.allow_chains(old)).ops == []  # type: ignore[union-attr]
 
 
@@ -79,7 +83,7 @@ def test_shape_changes_need_a_full_table() -> None:
     grown = Inventory((*inv.containers, container("newcomer", ("tcp", 8088, 80))), inv.bridges)
     before = compile_policy(lone, inv)
     up = element_update(before, compile_policy(lone, grown), nft.allow_chains(before))
-    assert up is not None and "tcp_ports { 8088 " in up.text
+    assert up is not None and "8088 comment" in up.text
     # two rules on one port: their union is a new allow-list, so a new chain
     both = policy.parse(POLICY + "    - container: newcomer\n      port: 80/tcp\n"
                                  "      from: [198.51.100.99]\n"
@@ -97,8 +101,8 @@ nft.apply_text(nft.transaction(old))
 if ops_mode == "netlink":
     import pickle, base64
     netlink.commit(nft.TABLE, pickle.loads(base64.b64decode(sys.argv[4])))
-else:
-    nft.apply_text(update_text)
+else:  # as restore does: the table and the record's updates in one transaction
+    nft.apply_text(nft.transaction(old + update_text + update_text))
 print(nft.canonical(nft.live_json()))
 """
 

@@ -9,7 +9,9 @@ import pytest
 from dockfence.state import JOURNAL_FILE, TABLE_FILE, Record, StateError
 
 TABLE = "table inet dockfence {\n\tset stamp {\n\t\ttype inet_service\n\t}\n}\n"
-UPDATE = "add element inet dockfence tcp_ports { 9090 : drop }\n"
+UPDATE = ("flush map inet dockfence tcp_ports\n"
+          "add element inet dockfence tcp_ports { 9090 : drop }\n")
+BRIDGES = 'flush set inet dockfence bridges\nadd element inet dockfence bridges { "docker0" }\n'
 
 
 def test_nothing_recorded(tmp_path: Path) -> None:
@@ -20,9 +22,11 @@ def test_table_and_journal_round_trip(tmp_path: Path) -> None:
     rec = Record(tmp_path)
     rec.save_table(TABLE)
     rec.append(UPDATE)
+    rec.append(BRIDGES)
     rec.append(UPDATE.replace("9090", "9091"))
     generation, text = Record(tmp_path).load()  # type: ignore[misc]
-    assert text == TABLE + UPDATE + UPDATE.replace("9090", "9091")
+    # only the last content of each map counts, in the order of the last updates
+    assert text == TABLE + BRIDGES + UPDATE.replace("9090", "9091")
     assert len(generation) == 16
     assert (tmp_path / TABLE_FILE).stat().st_mode & 0o777 == 0o600
 
@@ -57,7 +61,7 @@ def test_an_entry_cut_short_was_never_applied(tmp_path: Path) -> None:
     rec = Record(tmp_path)
     rec.save_table(TABLE)
     rec.append(UPDATE)
-    rec.append(UPDATE.replace("9090", "9091"))
+    rec.append(BRIDGES)
     journal = tmp_path / JOURNAL_FILE
     journal.write_bytes(journal.read_bytes()[:-5])
     assert rec.load()[1] == TABLE + UPDATE  # type: ignore[index]

@@ -279,7 +279,8 @@ def test_docker_unreachable_keeps_the_rules_and_watch_resyncs(watch: Watch) -> N
         # the table lost while Docker is away: the record brings it back without Docker
         lab.host_exec("nft", "delete", "table", "inet", "dockfence")
         assert wait_for(lambda: "restored the recorded rules" in watch.log(), 5), watch.log()
-        assert lab.host_exec("nft", "-s", "list", "table", "inet", "dockfence").stdout == before
+        after = lab.host_exec("nft", "-s", "list", "table", "inet", "dockfence").stdout
+        assert after == before, watch.log()
     finally:
         lab.start_dockerd()
     assert wait_for(lambda: "Docker is back" in watch.log(), 30), watch.log()
