@@ -151,6 +151,12 @@ class Record:
                 fh.truncate(size)
         return undo
 
+    def journal_size(self) -> int:
+        try:
+            return self.journal_path.stat().st_size
+        except OSError:
+            return 0
+
     def forget(self) -> None:
         """`dockfence remove`: nothing to bring back at the next boot."""
         for path in (self.journal_path, self.table_path):

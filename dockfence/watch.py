@@ -36,6 +36,7 @@ BURST = 0.25  # ...or after this long in all
 CHECK = 0.5  # seconds between checks of the policy file and of the table itself
 LOCK_WAIT = 5.0  # how long to wait for another dockfence (a manual apply) to finish
 GONE = "table inet dockfence disappeared"
+JOURNAL_LIMIT = 4 << 20  # bytes of journal before the record is rewritten as one table
 
 
 def notify(message: str) -> None:
@@ -291,6 +292,9 @@ class Watcher:
                     except BaseException:
                         undo()
                         raise
+                    if self.record.journal_size() > JOURNAL_LIMIT:
+                        # compaction: the table as it now is (equal to a full render of it)
+                        self.record.save_table(nft.render(rs, stamp))
             except (DockfenceError, OSError) as exc:
                 self.report(f"{what}: {exc}; full resync")
                 self.pending = "resync after a failed update"
