@@ -126,8 +126,11 @@ class Record:
             self._put_back(old_table, old_journal)
         return undo
 
-    def append(self, update: str) -> Undo:
-        """Record element updates made on top of the recorded table."""
+    def append(self, update: str, durable: bool = True) -> Undo:
+        """Record element updates made on top of the recorded table. With durable=False the
+        entry reaches the page cache (a crash of this process cannot lose it) and sync()
+        makes it durable later: watch syncs right after the kernel change, so a busy disk
+        never delays enforcement."""
         if self.generation is None:
             self.generation = self._current_generation()
         if self.generation is None:
@@ -140,7 +143,8 @@ class Record:
             try:
                 size = os.fstat(fd).st_size
                 os.write(fd, entry)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -150,6 +154,16 @@ class Record:
             with open(self.journal_path, "r+b") as fh:
                 fh.truncate(size)
         return undo
+
+    def sync(self) -> None:
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def journal_size(self) -> int:
         try:
