@@ -303,7 +303,7 @@ def main() -> int:
         doc = args.markdown.read_text() if args.markdown.exists() else "# dockfence benchmarks\n"
         marker = "## Live guard"
         section = (f"{marker} (`dockfence watch`, {version})\n\n"
-                   + (__doc__ or "").split("\n\n", 2)[2].split("\n\nThen")[0].strip()
+                   + (__doc__ or "").split("\n\n", 2)[2].strip()
                    + "\n\n" + text)
         before, found, after = doc.partition(f"{marker} (`dockfence watch`, {version})")
         if found:
