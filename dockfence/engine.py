@@ -140,7 +140,8 @@ def _unchanged_by_stamp(policy_path: str) -> tuple[Plan | None, Inventory | None
 
 
 def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
-          full: bool = False, lock_wait: float = 0.0) -> tuple[Plan, int]:
+          full: bool = False, lock_wait: float = 0.0, rebuild: bool = False
+          ) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
 
@@ -156,7 +157,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         inv = None
         saved = state.Record()  # what `restore` loads at the next boot
         # over SSH the lockout check needs the compiled rules
-        if not full and not ssh and saved.exists():
+        if not full and not rebuild and not ssh and saved.exists():
             quick, inv = _unchanged_by_stamp(policy_path)
             if quick is not None:
                 return quick, 0
@@ -174,7 +175,9 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
             doc = nft.live_json()
             live = nft.parse_live(doc) if doc is not None else None
         table = nft.render(desired, st)
-        unchanged = live is not None and nft.same_table(live, desired) and (
+        # rebuild: the same decisions, but load the table as render() writes it (watch's element
+        # updates leave new ports without chains of their own)
+        unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (
             doc is None or nft.same_structure(doc, table))
         plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
                     list(desired.warnings))

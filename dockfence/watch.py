@@ -41,6 +41,9 @@ BURST = 0.25  # ...or after this long in all
 CHECK = 0.5  # seconds between checks of the policy file and of the table itself
 LOCK_WAIT = 5.0  # how long to wait for another dockfence (a manual apply) to finish
 GONE = "table inet dockfence disappeared"
+# Ports an element update added jump to their allow-list's shared chain, which has no
+# per-port counters; once events have been quiet this long, a full apply gives each its own.
+REBUILD_AFTER = 3.0
 JOURNAL_LIMIT = 4 << 20  # bytes of journal before the record is rewritten as one table
 
 
@@ -117,6 +120,7 @@ class Watcher:
         self.mtime = self._mtime()
         self.record = state.Record()
         self.received = time.monotonic()
+        self.rebuild_at: float | None = None  # see REBUILD_AFTER
         self.revocations: queue.Queue[tuple[str, Ruleset, Ruleset, Inventory]] = queue.Queue()
 
     def _mtime(self) -> int | None:
@@ -157,6 +161,9 @@ class Watcher:
                 self._full(self.pending)
             elif changed:
                 self._incremental(changed)
+            elif self.rebuild_at is not None and time.monotonic() >= self.rebuild_at:
+                self._full("ports added since the last full apply get their own counters",
+                           rebuild=True)
 
     def _next_batch(self) -> list[Item]:
         try:
@@ -211,10 +218,11 @@ class Watcher:
 
     # --- full sync ---------------------------------------------------------------------------
 
-    def _full(self, reason: str) -> None:
+    def _full(self, reason: str, rebuild: bool = False) -> None:
         started = time.monotonic()
+        self.rebuild_at = None
         try:
-            plan, cut = engine.apply(self.path, lock_wait=LOCK_WAIT)
+            plan, cut = engine.apply(self.path, lock_wait=LOCK_WAIT, rebuild=rebuild)
             pol, desired = plan.policy, plan.desired
             if pol is None or desired is None:  # nothing changed, told by the stamp alone
                 pol, _, desired = engine.desired_state(self.path, plan.inventory)
@@ -342,6 +350,8 @@ class Watcher:
         if not update:
             return
         self._applied(answered, True, new_table=False)
+        if any(op.add and op.set not in (nft.STAMP_SET, nft.BRIDGE_SET) for op in update.ops):
+            self.rebuild_at = time.monotonic() + REBUILD_AFTER
         took, ours = (done - self.received) * 1000, (done - answered) * 1000
         # Docker answers an inspect only once the container's start (or stop) is complete: the
         # event comes earlier, so `took` is mostly Docker's own work
