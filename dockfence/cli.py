@@ -207,16 +207,16 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool
 
 @main.command()
 @policy_option
-@click.option("--interval", type=click.FloatRange(0.2, 60), default=2.0, show_default=True,
-              help="Seconds between checks of Docker's events and the policy file.")
 @click.option("--metrics", "metrics_at", metavar="ADDRESS:PORT",
               help="Serve Prometheus metrics on this address only (e.g. 127.0.0.1:9464).")
 @_errors
-def watch(policy_path: str, interval: float, metrics_at: str | None) -> None:
-    """Keep the rules right while containers and networks come and go: apply now, then again on
-    every relevant Docker event or policy edit; print every refused attempt (floods
-    summarised). Stop with Ctrl-C (the rules stay)."""
-    from . import engine, policy
+def watch(policy_path: str, metrics_at: str | None) -> None:
+    """Keep the rules in step with Docker: a full apply now, then element updates on every
+    container or network event, and a full apply on every policy edit or when the table was
+    deleted; print every refused attempt (floods summarised). Tells systemd when ready
+    (Type=notify). Stop with Ctrl-C or SIGTERM: the rules stay."""
+    from . import policy
+    from . import watch as live_guard
 
     policy.load(policy_path)  # refuse to start on a bad policy: exit 2, nothing changed
     metrics = None
@@ -242,7 +242,7 @@ def watch(policy_path: str, interval: float, metrics_at: str | None) -> None:
     listener.start()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            engine.watch(policy_path, report, interval=interval, stop=stop, metrics=metrics)
+            live_guard.run(policy_path, report, stop, metrics=metrics)
     finally:
         stop.set()
         listener.join(timeout=5)
@@ -546,6 +546,19 @@ def remove() -> None:
         out.print("Removed table inet dockfence.")
     else:
         out.print("Nothing to remove: dockfence is not installed.")
+
+
+@main.command()
+@_errors
+def restore() -> None:
+    """Load the rules applied last (recorded in $DOCKFENCE_STATE_DIR, default
+    /var/lib/dockfence) without Docker or the policy: for boot, before Docker starts."""
+    from . import engine
+
+    if engine.restore():
+        out.print("Restored the rules applied last (table inet dockfence).")
+    else:
+        out.print("Nothing saved: dockfence has not applied anything on this host.")
 
 
 @main.command()

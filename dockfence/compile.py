@@ -23,6 +23,8 @@ from .model import (
     Proto,
     Ruleset,
     Sources,
+    bridge_names,
+    covered_by_patterns,
     find_gate,
 )
 
@@ -122,7 +124,9 @@ def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, l
     for label, claims in per_label.items():
         chosen = [c for c in claims if c.explicit] + bare or claims
         effective[label] = (Sources.union_of(c.sources for c in chosen), chosen)
-    if len({s for s, _ in effective.values()}) > 1:
+    # equality, not a set: hashing a 100k-entry list on every compile would cost watch 0.3 s
+    first = next(iter(effective.values()))[0]
+    if any(s != first for s, _ in effective.values()):
         raise OperationalError(
             f"host port {seg}/{covering[0].proto} is published by {'; '.join(effective)} "
             "(on different host addresses) with different allow-lists; dockfence keys rules "
@@ -226,10 +230,10 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
                          f"{policy.where(policy.lines['host.default'])} "
                          f"(host.default: {policy.host_default})")
 
-    bridges = tuple(sorted(set(inventory.bridges)))
+    bridges = bridge_names(inventory.bridges)
     if policy.interfaces:
         for name in policy.interfaces:
-            if name in bridges:
+            if name in inventory.bridges or covered_by_patterns(name):
                 warnings.append(f"{policy.path}: interface {name} is a Docker bridge; "
                                 "traffic from containers on it will be filtered as outside")
     return Ruleset(
@@ -241,4 +245,5 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         direct=tuple(_direct(policy, bindings, container_gates, default_origin)),
         host=host,
         warnings=tuple(warnings),
+        allow_lists=tuple(r.sources for r in policy.container_rules),
     )

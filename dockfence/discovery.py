@@ -11,9 +11,10 @@ import ipaddress
 import json
 import os
 import re
-import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from . import dockerapi
 from .errors import OperationalError
@@ -143,11 +144,95 @@ def inventory() -> Inventory:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:
         client.close()
+    return make_inventory(containers, bridges, firewall_backend(info),
+                          str(info.get("ServerVersion") or ""))
+
+
+def firewall_backend(info: dict[str, Any]) -> str:
+    backend = info.get("FirewallBackend")
+    return backend.get("Driver", "iptables") if isinstance(backend, dict) else "iptables"
+
+
+def make_inventory(containers: Iterable[Container], bridges: Iterable[str],
+                   backend: str, version: str = "") -> Inventory:
+    """The one way an Inventory is put together, so watch's equals a fresh inventory()."""
     return Inventory(containers=tuple(sorted(containers, key=lambda c: c.name)),
-                     bridges=tuple(bridges),
-                     firewall_backend=info.get("FirewallBackend", {}).get("Driver", "iptables")
-                     if isinstance(info.get("FirewallBackend"), dict) else "iptables",
-                     docker_version=str(info.get("ServerVersion") or ""))
+                     bridges=tuple(sorted(set(bridges))), firewall_backend=backend,
+                     docker_version=version)
+
+
+class DockerLink:
+    """watch's long-lived connection: inspects only what an event names."""
+
+    def __init__(self) -> None:
+        self.client = _client()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def networks(self) -> tuple[list[str], dict[str, set[int]]]:
+        """Docker's bridge names, and the IP versions routed on each network (by id)."""
+        try:
+            networks = self.client.get("/networks")
+        except (dockerapi.DockerError, TypeError, AttributeError) as exc:
+            raise OperationalError(f"Docker API error: {exc}") from None
+        return ([b for n in networks if (b := bridge_name(n))],
+                {n["Id"]: routed_families(n) for n in networks})
+
+    def running(self, cid: str, routed: dict[str, set[int]]) -> Container | None:
+        """The container if it runs now (None: stopped, gone, or a name the policy could not
+        select, exactly as inventory() would leave it out)."""
+        try:
+            attrs = self.client.get(f"/containers/{quote(cid, safe='')}/json")
+        except dockerapi.NotFound:
+            return None
+        except dockerapi.DockerError as exc:
+            raise OperationalError(f"Docker API error: {exc}") from None
+        if not (attrs.get("State") or {}).get("Running"):
+            return None
+        return container_of(attrs, routed)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # container | network
+    action: str
+    id: str  # the container's id (for network connect/disconnect too), or the network's
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} {self.action}"
+
+
+def parse_event(ev: dict[str, Any]) -> Event | None:
+    """A relevant event from the raw stream, or None."""
+    kind, action = ev.get("Type", ""), str(ev.get("Action", "")).split(":")[0]
+    if action not in RELEVANT_EVENTS.get(kind, ()):
+        return None
+    actor = ev.get("Actor") or {}
+    attrs = actor.get("Attributes") or {}
+    target = attrs.get("container", "") if kind == "network" and action in (
+        "connect", "disconnect") else actor.get("ID", "")
+    return Event(kind, action, str(target), str(attrs.get("name", "?")))
+
+
+def event_stream(connected: Callable[[], None]) -> Iterator[Event]:
+    """Relevant Docker events, live, on one long-lived connection (no read timeout: idle is
+    normal). `connected` is called once the daemon accepted the subscription, so that a full
+    sync done after it misses nothing. Ends or raises OperationalError when Docker goes."""
+    client = _client()
+    try:
+        stream = client.stream("/events", {"filters": json.dumps({"type": list(RELEVANT_EVENTS)})},
+                               idle_ok=True)
+        connected()
+        for raw in stream:
+            ev = parse_event(raw)
+            if ev is not None:
+                yield ev
+    except dockerapi.DockerError as exc:
+        raise OperationalError(f"Docker event stream: {exc}") from None
+    finally:
+        client.close()
 
 
 # Changes that can alter the inventory: containers starting or going, networks (bridges) and
@@ -156,25 +241,3 @@ RELEVANT_EVENTS = {
     "container": {"start", "die", "destroy", "rename", "update"},
     "network": {"create", "destroy", "connect", "disconnect"},
 }
-
-
-def changes_between(since: float, until: float) -> list[str]:
-    """Docker events in [since, until), blocking until `until`; descriptions of the relevant
-    ones. The daemon replays past events from `since`, so consecutive windows lose nothing."""
-    client = _client()
-    try:
-        events = client.stream("/events", {
-            "since": f"{since:.9f}", "until": f"{until:.9f}",
-            "filters": json.dumps({"type": list(RELEVANT_EVENTS)})},
-            timeout=max(15.0, until - time.time() + 15))
-        out = []
-        for ev in events:
-            kind, action = ev.get("Type", ""), str(ev.get("Action", "")).split(":")[0]
-            if action in RELEVANT_EVENTS.get(kind, ()):
-                name = (ev.get("Actor") or {}).get("Attributes", {}).get("name", "?")
-                out.append(f"{kind} {name} {action}")
-        return out
-    except dockerapi.DockerError as exc:
-        raise OperationalError(f"Docker API error: {exc}") from None
-    finally:
-        client.close()

@@ -91,11 +91,13 @@ class Client:
         self.close()
 
     def _request(self, path: str, params: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> _Response:
+                 timeout: float | None = None, idle_ok: bool = False) -> _Response:
         if self._sock is None:
             raise DockerError("connection closed")
         target = quote(self._prefix + path) + (f"?{urlencode(params)}" if params else "")
-        self._sock.settimeout(timeout or self.timeout)
+        # idle_ok: a stream that may be silent for hours (`/events`) waits without a deadline;
+        # it still ends when the daemon closes the connection
+        self._sock.settimeout(None if idle_ok else timeout or self.timeout)
         try:
             self._sock.sendall(f"GET {target} HTTP/1.1\r\nHost: docker\r\n"
                                "User-Agent: dockfence\r\n\r\n".encode())
@@ -120,9 +122,14 @@ class Client:
             raise DockerError(f"{path}: {exc}") from None
 
     def stream(self, path: str, params: dict[str, Any] | None = None,
-               timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """JSON objects of a streamed answer (`/events`), as they come, until the daemon ends it."""
-        resp = self._request(path, params, timeout)
+               timeout: float | None = None, idle_ok: bool = False
+               ) -> Iterator[dict[str, Any]]:
+        """JSON objects of a streamed answer (`/events`), as they come, until the daemon ends it.
+        The request is made before this returns: once it has, the daemon has accepted it."""
+        return self._objects(path, self._request(path, params, timeout, idle_ok))
+
+    @staticmethod
+    def _objects(path: str, resp: _Response) -> Iterator[dict[str, Any]]:
         buf = b""
         try:
             for chunk in resp.chunks():

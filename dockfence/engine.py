@@ -6,17 +6,25 @@ import fcntl
 import ipaddress
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import bans, counters, discovery, listfiles, record, statedir
+from . import bans, counters, discovery, listfiles, record, state, statedir
 from .backends import nftables as nft
-from .errors import DockfenceError, OperationalError, PolicyError, UsageError
-from .model import Binding, Container, Inventory, Ruleset, Sources, find_gate, show_network
+from .errors import OperationalError, UsageError
+from .model import (
+    Binding,
+    Container,
+    Inventory,
+    Ruleset,
+    Sources,
+    covered_by_patterns,
+    find_gate,
+    show_network,
+)
 from .run import run
 from .stamp import Stamp, inventory_digest
 
@@ -27,7 +35,7 @@ if TYPE_CHECKING:
     from .plan import Change
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    pass
 
 
 class LockoutError(UsageError):
@@ -35,10 +43,9 @@ class LockoutError(UsageError):
 
 
 @contextmanager
-def host_lock(wait: float = 0) -> Iterator[None]:
+def host_lock(wait: float = 0.0) -> Iterator[None]:
     """One dockfence at a time per network namespace (tests run several namespaces at once).
-    `wait`: seconds to wait for the other one (bans from fail2ban should not fail on a
-    concurrent apply)."""
+    `wait`: seconds to wait for another dockfence to finish (watch waits; commands do not)."""
     netns = os.stat("/proc/self/ns/net").st_ino
     os.makedirs("/run/dockfence", exist_ok=True)
     deadline = time.monotonic() + wait
@@ -133,7 +140,8 @@ def _unchanged_by_stamp(policy_path: str) -> tuple[Plan | None, Inventory | None
 
 
 def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
-          full: bool = False) -> tuple[Plan, int]:
+          full: bool = False, lock_wait: float = 0.0, rebuild: bool = False
+          ) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
 
@@ -144,7 +152,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
-    with host_lock():
+    with host_lock(lock_wait):
         # Downloaded lists due for a refresh first: the digest below covers their saved copies,
         # so an unchanged download is still a no-op. A failed one keeps its last good copy.
         from . import listurls
@@ -152,7 +160,9 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         fetched = listurls.refresh_lists(policy_path)
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
-        if not full and not ssh:  # over SSH the lockout check needs the compiled rules
+        saved = state.Record()  # what `restore` loads at the next boot
+        # over SSH the lockout check needs the compiled rules
+        if not full and not rebuild and not ssh and saved.exists():
             quick, inv = _unchanged_by_stamp(policy_path)
             if quick is not None:
                 quick.warnings[:0] = fetched
@@ -174,24 +184,37 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
             doc = nft.live_json()
             live = nft.parse_live(doc) if doc is not None else None
         table = nft.render(desired, st)
-        unchanged = live is not None and nft.same_table(live, desired) and (
+        # rebuild: the same decisions, but load the table as render() writes it (watch's element
+        # updates leave new ports without chains of their own)
+        unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (
             doc is None or nft.same_structure(doc, table))
         plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
                     fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
                 nft.apply_text(nft.stamp_update(st))
+            if live_st != st or not saved.exists():
+                saved.save_table(table)
             record.save(st, desired)
             return plan, 0
         previous = nft.live_text() if confirm is not None and exists else None
-        load(table)
+        # Recorded first: if that fails nothing changes (a stale record would bring back older
+        # rules at the next boot); if the kernel refuses, the old record is put back.
+        forget = saved.save_table(table)
+        try:
+            load(table)
+        except BaseException:
+            forget()
+            raise
         if nft.live_stamp() != st:
+            forget()
             _restore(previous if confirm is not None or live is None else
                      nft.render(live, live_st), exists)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
         record.save(st, desired)
         if confirm is not None and not confirm():
+            forget()
             _restore(previous, exists)
             raise RolledBack("not confirmed: the previous rules were restored")
         return plan, revoke(live, desired, inv)
@@ -201,6 +224,18 @@ def load(table: str) -> None:
     """The one place a whole table is handed to the kernel: one atomic transaction. Bans are
     not the policy's: the rebuilt table carries them over from their record."""
     nft.apply_text(nft.transaction(table) + bans.elements(bans.load(), time.time()))
+
+
+def restore() -> bool:
+    """Load the last recorded table (and watch's updates since) in one transaction, without
+    Docker or the policy, bans included. False when nothing was recorded; StateError (nothing
+    changed) when the record is damaged."""
+    loaded = state.Record().load()
+    if loaded is None:
+        return False
+    with host_lock():
+        load(loaded[1])
+    return True
 
 
 def _restore(previous: str | None, existed: bool) -> None:
@@ -297,6 +332,7 @@ def _cut_banned(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
 def remove() -> bool:
     with host_lock():
         record.forget()
+        state.Record().forget()  # nothing to bring back at the next boot
         if not nft.read_stamp()[0]:
             return False
         nft.apply_text(nft.removal())
@@ -545,7 +581,8 @@ def status(networks: bool = True) -> Status:
         if p.warning:
             warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")
     if live is not None:
-        missing = sorted(set(inv.bridges) - set(live.docker_bridges))
+        missing = sorted(b for b in inv.bridges
+                         if b not in live.docker_bridges and not covered_by_patterns(b))
         if missing:
             warnings.append(f"Docker network bridge(s) {', '.join(missing)} appeared after the "
                             "last apply: ports first published there are not filtered until "
@@ -560,63 +597,3 @@ def status(networks: bool = True) -> Status:
                   [counters.host_gate(counts, g) for g in (live.host.gates if live and live.host
                                                            else ())],
                   counters.defaults(counts, live) if live else {})
-
-
-def watch(policy_path: str, report: Callable[[str], None], interval: float = 2.0,
-          stop: threading.Event | None = None, metrics: Metrics | None = None) -> None:
-    """Apply now, then again whenever Docker's containers or networks change or the policy file
-    is edited. Errors never remove rules: a bad policy edit keeps the last good rules until the
-    file changes again; Docker or kernel errors are retried after a full resync."""
-    stop = stop or threading.Event()
-    last_mtime: int | None = None
-    pending = "start"
-    since = time.time()
-    noticed = time.monotonic()  # when `pending` was first set: event-to-enforced latency
-    while not stop.is_set():
-        try:
-            mtime = os.stat(policy_path).st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime != last_mtime:
-            noticed = noticed if pending else time.monotonic()
-            last_mtime, pending = mtime, pending or "policy file changed"
-        if pending:
-            started = time.monotonic()
-            try:
-                plan, cut = apply(policy_path)
-                if metrics is not None:
-                    metrics.applied(time.monotonic() - started, True, plan.desired,
-                                    plan.desired_canonical)
-                    metrics.event_enforced(time.monotonic() - noticed)
-                changed = sum(c.kind != "keep" for c in plan.changes)
-                report(f"{pending}: " + ("no changes" if plan.unchanged else
-                                         f"applied {changed} change(s)" +
-                                         (f", cut {cut} connection(s)" if cut else "")))
-                for w in plan.warnings:
-                    report(f"warning: {w}")
-                pending = ""
-            except PolicyError as exc:
-                if metrics is not None:
-                    metrics.applied(time.monotonic() - started, False)
-                report(f"{pending}: policy rejected, keeping the current rules: {exc}")
-                pending = ""  # wait for the next edit rather than repeating the error
-            except DockfenceError as exc:
-                if metrics is not None:
-                    metrics.applied(time.monotonic() - started, False)
-                report(f"{pending}: {exc}; retrying")
-                stop.wait(interval)
-                since = time.time()
-                continue
-        now = time.time()
-        try:
-            events = discovery.changes_between(since, now + interval)
-        except DockfenceError as exc:
-            report(f"Docker events: {exc}; resyncing")
-            pending = "resync after reconnect"
-            stop.wait(interval)
-            since = time.time()
-            continue
-        since = now + interval
-        if events:
-            noticed = noticed if pending else time.monotonic()
-            pending = ", ".join(events[:3]) + (" ..." if len(events) > 3 else "")

@@ -587,11 +587,20 @@ class Lab:
 
         containerd keeps running. Containers with --restart=always come back by themselves.
         """
+        self.stop_dockerd()
+        t0 = time.monotonic()
+        self.start_dockerd()
+        self.timings["dockerd_restart"] = time.monotonic() - t0
+
+    def stop_dockerd(self) -> None:
+        """Stop dockerd as a shutdown does (its containers stop); containerd keeps running."""
         self._terminate(self._dockerd, self.base / "docker.pid", grace=30)
         self._dockerd = None
-        t0 = time.monotonic()
+
+    def start_dockerd(self) -> None:
+        """Start dockerd again after stop_dockerd(), as a boot does: --restart always
+        containers come back by themselves."""
         self._start_dockerd()
-        self.timings["dockerd_restart"] = time.monotonic() - t0
 
     # --- commands ------------------------------------------------------------------------
 
@@ -602,6 +611,8 @@ class Lab:
             if k not in ("DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
         }
         env["DOCKER_HOST"] = self.docker_host
+        # dockfence's record of what it applied: per lab, never the machine's /var/lib
+        env["DOCKFENCE_STATE_DIR"] = str(self.base / "state")
         # The lab's iptables variant and Docker first, then the caller's PATH (its python/venv),
         # then the system dirs.
         parts = [str(self.xtables_dir or ""), self.docker_bin_dir or ""]

@@ -59,6 +59,9 @@ def labelled(rs: Ruleset) -> dict[str, tuple[LabelSet, str]]:
         fam = "v4" if d.address.version == 4 else "v6"
         both(nft.gate_name(f"direct_{fam}_{d.proto}", f"{d.address} . {d.port}"),
              ("direct", _container(d.label), str(d.port), d.proto))
+    for sources, name in nft.allow_chains(rs):  # ports watch added since the last full apply
+        both(name, ("allow-list", ", ".join(sources.names) or name, "", ""))
+    out[nft.COUNTER_BANNED] = (("banned", "", "", ""), "refused")
     out[nft.COUNTER_UNKNOWN] = (("containers.default", "", "", ""),
                                 "allowed" if rs.unknown_published == "allow" else "refused")
     out[nft.COUNTER_DIRECT] = (("direct routing", "", "", ""), "refused")
@@ -99,17 +102,18 @@ class Metrics:
     # --- what watch reports --------------------------------------------------------------
 
     def applied(self, duration: float, ok: bool, rules: Ruleset | None = None,
-                canonical: str | None = None) -> None:
-        """After every apply attempt; `rules`/`canonical`: what is in force now on success."""
+                stamp: str | None = None, new_table: bool = True) -> None:
+        """After every apply attempt (and every element update, `new_table` False); `rules` and
+        `stamp`: what is in force now on success (the table's stamp says when it is not)."""
         self.duration.set(duration)
         if not ok:
             self.failures.inc()
             return
         self.applies.inc()
         with self._lock:
-            if rules is not None and canonical is not None:
-                replaced = canonical != self._canonical
-                self._rules, self._canonical, self._in_sync = rules, canonical, None
+            if rules is not None and stamp is not None:
+                replaced = new_table and stamp != self._canonical
+                self._rules, self._canonical, self._in_sync = rules, stamp, None
                 if replaced:  # a new table: all its counters hold is new (what the old one
                     self._last = {}  # counted since the last scrape is lost)
                     self._fold(nft.live_counters() or {})
@@ -140,7 +144,8 @@ class Metrics:
             return None
         now = time.monotonic()
         if self._in_sync is None or now - self._in_sync[0] > IN_SYNC_EVERY:
-            self._in_sync = (now, nft.canonical(nft.live_json()) == self._canonical)
+            live = nft.live_stamp()  # one small set: cheap whatever the lists hold
+            self._in_sync = (now, live is not None and live.text() == self._canonical)
         return self._in_sync[1]
 
     def describe(self) -> list[Any]:

@@ -294,6 +294,24 @@ class Inventory:
         return major.isdigit() and int(major) >= 28
 
 
+# What counts as a Docker bridge without asking Docker: the default bridge and the names Docker
+# gives user networks (`br-` + 12 hex digits; nft wildcards only match prefixes). Bridges named
+# otherwise (`com.docker.network.bridge.name`) are added by name at apply and by watch.
+DOCKER_BRIDGE_PATTERNS = ("docker0", "br-*")
+
+
+def covered_by_patterns(name: str) -> bool:
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1]))
+               for p in DOCKER_BRIDGE_PATTERNS)
+
+
+def bridge_names(bridges: Iterable[str]) -> tuple[str, ...]:
+    """The elements of the table's bridge set: the patterns, and every bridge they miss (an
+    interval set refuses a name that a wildcard already covers)."""
+    extra = sorted({b for b in bridges if not covered_by_patterns(b)})
+    return (*DOCKER_BRIDGE_PATTERNS, *extra)
+
+
 # --- ruleset: what the kernel should enforce --------------------------------------------------
 
 @dataclass(frozen=True)
@@ -348,10 +366,14 @@ class Ruleset:
     unknown_published: Verdict  # DNATed ports no gate names (published after apply)
     unknown_origin: str
     outside: tuple[str, ...] | None = None  # when set, only these interfaces are filtered
-    docker_bridges: tuple[str, ...] = ()  # never filtered as sources; where containers live
+    # never filtered as sources; where containers live: names and nft wildcards (`br-*`)
+    docker_bridges: tuple[str, ...] = ()
     direct: tuple[DirectGate, ...] = ()  # container address:port reachable without NAT
     host: HostRules | None = None
     # drop packets from outside addressed to loopback addresses (always rendered; False only
     # when read back from a table made before dockfence did this)
     loopback_guard: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # every allow-list the container rules name, selected or not: each gets its chain at apply,
+    # so a container that appears later needs element updates only
+    allow_lists: tuple[Sources, ...] = field(default=(), compare=False)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .model import Inventory
 
 if TYPE_CHECKING:
     from .model import Inventory
@@ -57,10 +58,11 @@ class Stamp:
 def inventory_digest(inv: Inventory) -> str:
     """The digest of what the rules depend on in Docker's inventory: container names and compose
     services (rules select by them, labels quote them), published ports, the addresses direct
-    routing may reach, and the bridges. Container ids, other addresses and the firewall backend
-    change nothing in the table, so a restart that keeps the ports costs no full apply."""
+    routing may reach, dockfence's own container labels, and the bridges. Container ids, other
+    addresses and the firewall backend change nothing in the table, so a restart that keeps the
+    ports costs no full apply."""
     containers = sorted(json.dumps([
-        c.name, c.service, sorted(c.routed_addresses),
+        c.name, c.service, sorted(c.routed_addresses), c.labels,
         sorted(json.dumps([b.proto, b.host_ip, b.host_port, b.container_port])
                for b in c.bindings)]) for c in inv.containers)
     return digest(*(x.encode() for x in containers), b"bridges", *sorted(

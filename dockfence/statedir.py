@@ -16,10 +16,6 @@ def state_dir() -> Path:
 
 
 def applied_record() -> str | None:
-    """The path of a record of an earlier apply, or None."""
-    try:
-        records = sorted(p for p in state_dir().iterdir()
-                         if p.is_file() and p.name != "bans.json")  # bans are not the table
-    except OSError:
-        return None
-    return str(records[0]) if records else None
+    """The path of the record of an earlier apply (dockfence.state's table), or None."""
+    path = state_dir() / "table.nft"
+    return str(path) if path.is_file() else None

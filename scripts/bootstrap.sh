@@ -10,12 +10,12 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "bootstrap: run as root (apt-get, network namespaces, dockerd)" >&2
     exit 1
 fi
-# ufw: for the coexistence tests only. It installs disabled (ENABLED=no) and the tests run it
-# inside lab namespaces with its state in a copy of /etc/ufw, never on the machine itself.
-APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev
-     ufw)
-# the tests also run real fail2ban, inside lab namespaces only
-[[ "${1:-}" == "--test" ]] && APT+=(fail2ban)
+APT=(docker.io iptables nftables conntrack iproute2 busybox-static util-linux curl gcc libc6-dev)
+# The tests also run Debian's ufw, fail2ban and Prometheus (server and promtool), inside lab
+# namespaces only (ufw installs disabled; its tests keep its state in a copy of /etc/ufw).
+if [[ "${1:-}" == "--test" ]]; then
+    APT+=(ufw fail2ban prometheus)
+fi
 missing=()
 for pkg in "${APT[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -35,7 +35,7 @@ if ((${#missing[@]})); then
     fi
     apt-get update -qq
     apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null  # with recommends
-    [[ -n "$guard" ]] && rm -f "$guard"
+    if [[ -n "$guard" ]]; then rm -f "$guard"; fi
 fi
 # dockerd is started only inside lab namespaces: never let a package start one on the host.
 if command -v systemctl >/dev/null && systemctl is-active -q docker 2>/dev/null; then
@@ -45,11 +45,6 @@ fi
 extra=""
 if [[ "${1:-}" == "--test" ]]; then
     extra="[test]"
-    # the real Prometheus server and promtool for test_observe (run inside lab namespaces only)
-    dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed" || {
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
-        # the package may start a system service: dockfence's tests never use it
-    }
     scripts/fetch-docker28.sh /opt/dockfence/docker28 \
         || echo "bootstrap: WARNING: Docker 28.5 unavailable; its lab tests will be skipped" >&2
 fi

@@ -503,10 +503,10 @@ def test_ipv6_through_docker_proxy(env: Env) -> None:
 
 def test_ipv6_nat_user_network(env: Env) -> None:
     """v6web on an IPv6 user network: Docker 28.5 publishes it with ip6 NAT, 20.10 (without
-    the experimental ip6tables) with docker-proxy. dockfence knows the bridge since the
-    network existed at apply time."""
+    the experimental ip6tables) with docker-proxy. Its bridge counts as Docker's by name
+    (`br-*` in the table's bridge set)."""
     ensure(env)
-    assert f'"{env.v6net_bridge}"' in dockfence_table(env.lab)
+    assert env.v6net_bridge.startswith("br-") and '"br-*"' in dockfence_table(env.lab)
     expect(env, pick("v6web_v6_office", "v6web_v6_stranger", "v6web_v4_office",
                      "v6web_v4_stranger", "v6web_v4_branch_nic2"))
     seen = [f for f in flows(env.lab, "ipv6", 8090) if f["src"] == CLIENT_V6]
@@ -1170,9 +1170,11 @@ def test_apply_confirm_rolls_back_unless_confirmed(env: Env) -> None:
 
 
 def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
-    """django is recreated on a network that did not exist at the last apply: its published
-    port keeps its allow-list (gated by port, whatever the bridge). A port first published
-    there is not gated until the next apply, and status says so."""
+    """Apply, then create a network and publish a new port on it, no watch running: django,
+    recreated there, keeps its allow-list (gated by port, whatever the bridge), the new port
+    is closed at once (containers.default: deny, fail closed), and the new network's
+    containers still reach each other and the host's services (host.default: deny applies
+    from outside only). Baseline: the same probe gets in once dockfence is removed."""
     lab = env.lab
     ensure(env)
     lab.docker("network", "create", "latenet")
@@ -1185,14 +1187,20 @@ def test_recreate_on_a_network_created_after_apply(env: Env) -> None:
         wait_host_reaches(lab, lab.container_ip("newport"), 8080)
         expect(env, pick("django_v4_office", "django_v4_stranger", "django_v6_stranger",
                          "django_v4_stranger_nic2"))
-        newport = lab.probe_many([(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp",
-                                   TIMEOUT)], expect=[True])
-        assert newport == [True], "a port first published on a new network: not gated yet"
+        stranger = [(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp", TIMEOUT)]
+        assert lab.probe_many(stranger) == [False], "a port first published on a new network"
+        gateway = lab.inspect("newport")["NetworkSettings"]["Networks"]["latenet"]["Gateway"]
+        get = 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 3 {} 8080'
+        assert "hello from dockfence lab" in _exec(lab, "newport", get.format(
+            lab.container_ip("django")))
+        assert "host-2222" in _exec(lab, "newport", f"nc -w 3 {gateway} 2222 </dev/null")
         st = dockfence(lab, "status")
-        assert bridge_of(lab, "latenet") in st.stderr and "appeared after the" in st.stderr, st
-        apply(env, "main")  # now it is: containers.default
-        assert lab.probe_many([(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 8086, "tcp",
-                                TIMEOUT)]) == [False]
+        assert "newport 8080/tcp" in st.stderr and "published after the last apply" in st.stderr
+        env.applied = None
+        assert dockfence(lab, "remove").returncode == 0
+        assert lab.probe_many(stranger) == [True], "baseline without dockfence"
+        apply(env, "main")  # the apply names it: containers.default, still closed
+        assert lab.probe_many(stranger) == [False]
     finally:
         lab.docker("rm", "-f", "django", "newport", check=False)
         lab.run_container("django", ["8081:8080"], lab.tcp_server_cmd(8080), restart="always")

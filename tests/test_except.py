@@ -142,3 +142,21 @@ def test_plan_names_the_addresses_an_except_shuts_out() -> None:
                                compile_policy(after, scenario())) if c.kind == "change"]
     assert [(c.before, c.after, c.added, c.removed) for c in changed] == [
         ("office", "office except 203.0.113.9", [], ["203.0.113.9"])]
+
+
+def test_watch_gives_a_new_port_its_excepting_chain_not_allow_any() -> None:
+    """watch adds a port as a map element jumping to its allow-list's shared chain: `any
+    except abusers` has one of its own (refusing the abusers), never the plain `any` chain."""
+    from dockfence.backends import nftables as nft
+    from dockfence.incremental import verdict_of
+
+    rs = compile_policy(policy.parse(POLICY, "p.yaml"), scenario())
+    chains = nft.allow_chains(rs)
+    web = policy.parse(POLICY, "p.yaml").container_rules[0].sources
+    verdict = verdict_of(web, chains)
+    assert verdict is not None and verdict != f"jump {nft.ALLOW_ANY}"
+    name = verdict.removeprefix("jump ")
+    table = nft.render(rs)
+    chain = table[table.index(f"chain {name} {{"):]
+    chain = chain[:chain.index("\t}")]
+    assert "saddr @deny_" in chain and chain.index("drop") < chain.index("accept")

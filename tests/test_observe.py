@@ -119,7 +119,7 @@ def observed(lab: Lab) -> Iterator[Observed]:
     env = {**os.environ, "DOCKER_HOST": lab.docker_host, "PYTHONPATH": str(REPO)}
     watch = subprocess.Popen(
         ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence",
-         "watch", "--policy", str(policy), "--interval", "0.5", "--metrics", METRICS],
+         "watch", "--policy", str(policy), "--metrics", METRICS],
         stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert wait_for(lambda: "start:" in log.read_text()), log.read_text()

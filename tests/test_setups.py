@@ -448,7 +448,7 @@ def test_doctor_sees_a_running_watch(host: Setup) -> None:
     with log.open("w") as out:
         watch = subprocess.Popen(
             ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence",
-             "watch", "--policy", str(s.policy), "--interval", "0.5"],
+             "watch", "--policy", str(s.policy)],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import addresses
@@ -58,6 +58,8 @@ TAG_LOOPBACK = "loopback from outside"
 REVOKED_MARK = 0x64660001
 # Loading or listing a table of a million addresses takes nft seconds (tens on a busy host)
 WHOLE_TABLE_TIMEOUT = 600
+BRIDGE_SET = "bridges"  # Docker's bridge interfaces: names and wildcards (`br-*`)
+ALLOW_ANY = "allow_any"  # the shared chain of `any`: refuses bans, accepts the rest
 STAMP_SET = "stamp"  # one element whose comment is the table's Stamp (see dockfence.stamp)
 # Banned addresses (dockfence ban): every allow-list refuses them, `any` included. Their
 # elements are not the policy's: canonical listings leave them out, and apply carries them over.
@@ -90,6 +92,7 @@ _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 # counters of the defaults (the gates' own are named after their chains, see gate_name)
 COUNTER_UNKNOWN, COUNTER_DIRECT = "containers_default", "direct_routing"
 COUNTER_HOST, COUNTER_REVOKED = "host_default", "revoked"
+COUNTER_BANNED = "banned"  # bans refused by the shared chain of `any`
 
 
 def gate_name(map_name: str, key: str) -> str:
@@ -117,52 +120,110 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
     return refuse(counter, text, match)
 
 
+def same_list(a: Sources, b: Sources) -> bool:
+    """Equal allow-lists, identity first: the same policy list is the same tuple, and comparing
+    (or hashing) 100,000 networks on every watch event is what this avoids."""
+    return a.any == b.any and (a.v4 is b.v4 or a.v4 == b.v4) and (a.v6 is b.v6 or a.v6 == b.v6) \
+        and a.deny_v4 == b.deny_v4 and a.deny_v6 == b.deny_v6
+
+
+def chain_order(rs: Ruleset) -> list[Sources]:
+    """The allow-lists that get a shared chain, in the order of their names (allow_0, allow_1
+    ...): every list the policy names first, so the names and the table's shape depend on the
+    policy alone and a port that watch adds later can jump to its list's chain at once; then
+    unions of several rules."""
+    out: list[Sources] = []
+    gates: list[Sources] = [g.sources for g in rs.container_gates]
+    gates += [g.sources for g in rs.host.gates] if rs.host else []
+    gates += [d.sources for d in rs.direct]
+    for s in (*rs.allow_lists, *gates):
+        if (s.denies or (not s.any and not s.nobody)) and not any(same_list(s, k) for k in out):
+            out.append(s)
+    return out
+
+
+def allow_chains(rs: Ruleset) -> list[tuple[Sources, str]]:
+    """Which shared chain render() gives each allow-list (watch's element updates jump to them;
+    a full apply gives each port a chain of its own, with its counters)."""
+    return [(s, f"allow_{i}") for i, s in enumerate(chain_order(rs))]
+
+
 @dataclass
 class _Renderer:
     lines: list[str]
-    sets: dict[Sources | tuple[str, Sources], list[tuple[str, str]]]
+    sets: dict[Sources, list[tuple[str, str]]]
     elements: bool = True  # False: the structure only (sets without their addresses)
+    deny: dict[Sources, list[tuple[str, str]]] = field(default_factory=dict)  # `except` sets
 
-    def allow_sets(self, sources: Sources) -> list[tuple[str, str]]:
+    def shared_chains(self, chains: list[tuple[Sources, str]]) -> None:
+        """Every allow-list the policy names gets its sets and a shared chain from the start,
+        named by the policy alone: watch adds a new port as one map element jumping there."""
+        for sources, name in chains:
+            if sources.any:  # `any except ...`: no allow sets, but a name of its own
+                self.sets.setdefault(sources, [])
+            tests = [""] if sources.any else [
+                f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, name)]
+            self.lines += [f"\tcounter {name}_allowed {{", "\t}",
+                           f"\tcounter {name}_refused {{", "\t}",
+                           f"\tchain {name} {{", *_banned(f"{name}_refused"),
+                           *self.refusals(f"{name}_refused", sources),
+                           *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
+                           *([] if sources.any else
+                             [refuse(f"{name}_refused", comment(f"allow-list {name}"))]), "\t}"]
+        self.lines += [f"\tchain {ALLOW_ANY} {{", *_banned(COUNTER_BANNED), "\t\taccept", "\t}"]
+
+    def allow_sets(self, sources: Sources, name: str | None = None) -> list[tuple[str, str]]:
         """(family match, set name) of an allow-list's address sets, emitted once per list."""
-        return self._address_sets(sources, "allow", sources.v4, sources.v6)
+        known = next((k for k in self.sets if same_list(k, sources)), None)
+        if known is not None:
+            return self.sets[known]
+        name = name or f"allow_{len(self.sets)}"
+        self.sets[sources] = self._address_sets(sources, name, sources.v4, sources.v6)
+        return self.sets[sources]
 
     def deny_sets(self, sources: Sources) -> list[tuple[str, str]]:
         """(family match, set name) of the addresses an allow-list's `except` refuses."""
-        return self._address_sets(sources, "deny", sources.deny_v4, sources.deny_v6)
+        known = next((k for k in self.deny if same_list(k, sources)), None)
+        if known is not None:
+            return self.deny[known]
+        self.deny[sources] = self._address_sets(sources, f"deny_{len(self.deny)}",
+                                                sources.deny_v4, sources.deny_v6)
+        return self.deny[sources]
 
-    def _address_sets(self, sources: Sources, kind: str, v4: tuple[int, ...],
+    def refusals(self, counter: str, sources: Sources) -> list[str]:
+        """`except`: refused before anything is accepted, counted and reported as refusals."""
+        if not sources.denies:
+            return []
+        text = comment(TAG_EXCEPT, ", ".join(sources.names))
+        return [refuse(counter, text, f"{fam} saddr @{sname} ")
+                for fam, sname in self.deny_sets(sources)]
+
+    def _address_sets(self, sources: Sources, name: str, v4: tuple[int, ...],
                       v6: tuple[int, ...]) -> list[tuple[str, str]]:
-        key = sources if kind == "allow" else (kind, sources)
-        if key not in self.sets:
-            name = f"{kind}_{len(self.sets)}"
-            self.sets[key] = []
-            for fam, version, blocks in (("ip", 4, v4), ("ip6", 6, v6)):
-                if blocks:
-                    sname = f"{name}_v{version}"
-                    elements = ", ".join(addresses.show_all(version, blocks)) \
-                        if self.elements else ""
-                    self.lines += [
-                        f"\tset {sname} {{",
-                        f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
-                        "\t\tflags interval",
-                        # how the policy wrote it, so status can say "office" again
-                        *([f"\t\tcomment {comment(', '.join(sources.names))}"]
-                          if sources.names else []),
-                        *([f"\t\telements = {{ {elements} }}"] if elements else []),
-                        "\t}",
-                    ]
-                    self.sets[key].append((fam, sname))
-        return self.sets[key]
+        out = []
+        for fam, version, blocks in (("ip", 4, v4), ("ip6", 6, v6)):
+            if blocks:
+                sname = f"{name}_v{version}"
+                elements = ", ".join(addresses.show_all(version, blocks)) \
+                    if self.elements else ""
+                self.lines += [
+                    f"\tset {sname} {{",
+                    f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
+                    "\t\tflags interval",
+                    # how the policy wrote it, so status can say "office" again
+                    *([f"\t\tcomment {comment(', '.join(sources.names))}"]
+                      if sources.names else []),
+                    *([f"\t\telements = {{ {elements} }}"] if elements else []),
+                    "\t}",
+                ]
+                out.append((fam, sname))
+        return out
 
     def gate_chain(self, name: str, text: str, sources: Sources) -> str:
         """One chain per gate, so each port counts its own allowed and refused connections."""
         tests = [""] if sources.any else [] if sources.nobody else [
             f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
-        # `except`: refused before anything is accepted, counted and reported as refusals
-        denied = [refuse(f"{name}_refused", comment(TAG_EXCEPT, ", ".join(sources.names)),
-                         f"{fam} saddr @{sname} ")
-                  for fam, sname in (self.deny_sets(sources) if tests and sources.denies else [])]
+        denied = self.refusals(f"{name}_refused", sources) if tests else []
         self.lines += [f"\tcounter {name}_allowed {{", "\t}",
                        f"\tcounter {name}_refused {{", "\t}",
                        f"\tchain {name} {{",
@@ -245,8 +306,10 @@ def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> st
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp), *_ban_sets(),
                 *(f"\tcounter {c} {{\n\t}}" for c in (COUNTER_UNKNOWN, COUNTER_DIRECT,
-                                                      COUNTER_HOST, COUNTER_REVOKED)),
+                                                      COUNTER_HOST, COUNTER_REVOKED,
+                                                      COUNTER_BANNED)),
                 f"\tlimit {LOG_LIMIT} {{", f"\t\trate {LOG_RATE}", "\t}"]
+    r.shared_chains(allow_chains(rs))
     for proto in PROTOS:
         r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
     if rs.host is not None:
@@ -260,12 +323,14 @@ def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> st
 
     revoked = (f"\t\tct mark {REVOKED_MARK:#x} counter name {COUNTER_REVOKED} drop comment "
                f"{comment(TAG_REVOKED)}")
+    # Docker's bridges: a named set that watch extends with one element update, holding the
+    # patterns of Docker's own names, so a network created after the apply is known at once.
+    r.lines += [f"\tset {BRIDGE_SET} {{", "\t\ttype ifname", "\t\tflags interval",
+                *([f"\t\telements = {{ {_ifnames(rs.docker_bridges)[2:-2]} }}"]
+                  if rs.docker_bridges else []), "\t}"]
     # Outside means: the interfaces the policy names, else everything but Docker's bridges.
-    scope = []
-    if rs.outside is not None:
-        scope.append(f"\t\tiifname != {_ifnames(rs.outside)} accept")
-    elif rs.docker_bridges:
-        scope.append(f"\t\tiifname {_ifnames(rs.docker_bridges)} accept")
+    scope = [f"\t\tiifname != {_ifnames(rs.outside)} accept" if rs.outside is not None
+             else f"\t\tiifname @{BRIDGE_SET} accept"]
     r.lines += [
         "\tchain forward {",
         f"\t\ttype filter hook forward priority {PRIORITY}; policy accept;",
@@ -277,14 +342,14 @@ def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> st
         # that appeared after the last apply keeps its allow-list.
         "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
         "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
-    ]
-    if rs.docker_bridges:
-        r.lines.append(f"\t\toifname {_ifnames(rs.docker_bridges)} goto to_containers")
-    r.lines += [
-        "\t}",
-        "\tchain to_containers {",
+        # Fail closed: Docker's DNAT only rewrites traffic addressed to the host itself, so a
+        # DNATed connection from outside that no gate names is a port published since the last
+        # apply, on whatever network (known, created since, or named in no set).
         decide(COUNTER_UNKNOWN, rs.unknown_published, comment(TAG_UNKNOWN, rs.unknown_origin),
                "ct status dnat "),
+        f"\t\toifname @{BRIDGE_SET} goto to_containers",
+        "\t}",
+        "\tchain to_containers {",
         *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
           for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
         refuse(COUNTER_DIRECT, comment(TAG_DIRECT)),
@@ -591,11 +656,14 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
     sets: dict[str, tuple[int, ...]] = {}
+    bridges: tuple[str, ...] = ()
     set_names: dict[str, tuple[str, ...]] = {}
     maps: dict[str, list[Any]] = {}
     rules: dict[str, list[dict[str, Any]]] = {}
     for obj in doc.get("nftables", []):
-        if "set" in obj and obj["set"]["name"] != STAMP_SET:
+        if "set" in obj and obj["set"]["name"] == BRIDGE_SET:
+            bridges = tuple(obj["set"].get("elem", []))
+        elif "set" in obj and obj["set"]["name"] != STAMP_SET:
             s = obj["set"]
             version = 6 if s.get("type") == "ipv6_addr" else 4
             blocks = _set_blocks(version, s.get("elem", []))
@@ -660,17 +728,17 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
                 return verdict, origin
         return None
 
-    def ifnames(key: str, negated: bool) -> tuple[str, ...] | None:
-        """The interface names of the forward rule matching `key` (iifname/oifname)."""
+    def outside() -> tuple[str, ...] | None:
+        """The interface names of the forward rule `iifname != {...} accept`, if any."""
         for rule in rules.get("forward", []):
             for e in rule["expr"]:
                 m = e.get("match", {})
-                if m.get("left") == {"meta": {"key": key}} and (m.get("op") == "!=") == negated:
+                if m.get("left") == {"meta": {"key": "iifname"}} and m.get("op") == "!=":
                     right = m["right"]
                     return tuple(sorted(right["set"])) if isinstance(right, dict) else (right,)
         return None
 
-    unknown = tagged("to_containers", TAG_UNKNOWN) or ("deny", "")
+    unknown = tagged("forward", TAG_UNKNOWN) or ("deny", "")
     host_default = tagged("input", TAG_HOST)
     # a drop (never an accept) makes the guard; absent in tables made before it existed
     guard = tagged("loopback_guard", TAG_LOOPBACK)
@@ -682,8 +750,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp")),
         unknown_published=unknown[0],
         unknown_origin=unknown[1],
-        outside=ifnames("iifname", negated=True),
-        docker_bridges=ifnames("oifname", negated=False) or (),
+        outside=outside(),
+        docker_bridges=bridges,
         direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
                      for g in direct(f"direct_{fam}_{proto}", proto)),
         host=host,

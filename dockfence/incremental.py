@@ -1,0 +1,180 @@
+"""Element-level updates: what changes in the table when only Docker's inventory changed. Pure.
+
+When containers come and go, the policy's shape stays: the same chains, the same allow-list
+sets. What moves is which host ports (and routed container addresses) jump to which allow-list,
+and which bridges exist. `element_update()` turns two rulesets into the few element additions
+and deletions between them, for the kernel (netlink ops), and for the record the new content
+of each set or map they touch (nft commands that `restore` runs after loading the table). It
+answers None when the change needs a full table: the shape differs (an allow-list no chain
+holds yet, a setting, the host rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .backends import netlink as nl
+from .backends.nftables import (
+    ALLOW_ANY,
+    BRIDGE_SET,
+    FAMILY,
+    STAMP_SET,
+    TABLE,
+    chain_order,
+    comment,
+    same_list,
+)
+from .model import PROTOS, DirectGate, Gate, Ruleset, Sources
+from .stamp import Stamp
+
+Chains = list[tuple[Sources, str]]
+
+
+@dataclass(frozen=True)
+class ElementUpdate:
+    ops: list[nl.Op]  # for the kernel, in order: deletions first
+    text: str  # for the record: nft commands giving each changed set or map its new content
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+def verdict_of(sources: Sources, chains: Chains) -> str | None:
+    """The verdict render() gives an allow-list, or None when no chain holds it."""
+    if sources.any and not sources.denies:  # `any except ...` has a chain of its own
+        return f"jump {ALLOW_ANY}"  # refuses bans first
+    if sources.nobody:
+        return "drop"
+    return next((f"jump {name}" for known, name in chains if same_list(known, sources)), None)
+
+
+# key text (as nft writes it), key bytes (start, last), comment, sources
+_Entry = tuple[str, bytes, bytes, str, Sources]
+
+
+def _gate_entries(gates: Iterable[Gate], proto: str) -> dict[str, _Entry]:
+    out = {}
+    for g in gates:
+        if g.proto == proto:
+            key = str(g.ports)
+            out[key] = (key, nl.port_key(g.ports.first), nl.port_key(g.ports.last),
+                        comment(g.label, g.origin)[1:-1], g.sources)
+    return out
+
+
+def _direct_entries(gates: Iterable[DirectGate], version: int, proto: str) -> dict[str, _Entry]:
+    out = {}
+    for d in gates:
+        if d.proto == proto and d.address.version == version:
+            key = f"{d.address} . {d.port}"
+            raw = nl.addr_port_key(d.address, d.port)
+            out[key] = (key, raw, raw, comment(d.label, d.origin)[1:-1], d.sources)
+    return out
+
+
+class _Builder:
+    def __init__(self, chains: Chains) -> None:
+        self.chains = chains
+        self.deletes: list[nl.Op] = []
+        self.adds: list[nl.Op] = []
+        # name -> nft commands that give the set or map its whole new content. The record keeps
+        # these rather than the element deltas: nft 1.0.6 silently ignores `delete element` of
+        # an interval element created earlier in the same transaction (as restore's would be),
+        # while flush + add works there.
+        self.snapshots: dict[str, str] = {}
+
+    def _elements(self, interval: bool, first: bytes, last: bytes, verdict: str | None,
+                  text: str | None) -> tuple[nl.Element, ...]:
+        if interval:
+            return nl.interval(first, last, verdict, text)
+        return (nl.Element(first, verdict, text),)
+
+    def _snapshot(self, kind: str, name: str, elements: list[str]) -> None:
+        text = f"flush {kind} {FAMILY} {TABLE} {name}\n"
+        if elements:
+            text += f"add element {FAMILY} {TABLE} {name} {{ {', '.join(elements)} }}\n"
+        self.snapshots[name] = text
+
+    def map_diff(self, name: str, interval: bool, old: dict[str, _Entry],
+                 new: dict[str, _Entry]) -> bool:
+        """Queue the changes of one verdict map; False when one needs a chain that is missing."""
+        changed = False
+        content = []
+        for key in sorted(old.keys() | new.keys()):
+            before, after = old.get(key), new.get(key)
+            v_before = verdict_of(before[4], self.chains) if before else None
+            v_after = verdict_of(after[4], self.chains) if after else None
+            if after is not None:
+                if v_after is None:
+                    return False
+                content.append(f'{key} comment "{after[3]}" : {v_after}')
+            if before is not None and after is not None and \
+                    (before[3], v_before) == (after[3], v_after):
+                continue
+            changed = True
+            if before is not None:
+                self.deletes.append(nl.Op(False, name, self._elements(
+                    interval, before[1], before[2], None, None)))
+            if after is not None:
+                self.adds.append(nl.Op(True, name, self._elements(
+                    interval, after[1], after[2], v_after, after[3])))
+        if changed:
+            self._snapshot("map", name, content)
+        return True
+
+    def bridges(self, old: tuple[str, ...], new: tuple[str, ...]) -> bool:
+        gone, came = set(old) - set(new), set(new) - set(old)
+        if any(n.endswith("*") for n in gone | came):
+            return False  # the patterns are part of the table's shape
+        for names, add in ((sorted(gone), False), (sorted(came), True)):
+            for n in names:
+                key = nl.ifname_key(n)
+                (self.adds if add else self.deletes).append(
+                    nl.Op(add, BRIDGE_SET, nl.interval(key, key)))
+        if gone or came:
+            self._snapshot("set", BRIDGE_SET, [f'"{n}"' for n in new])
+        return True
+
+    def update(self, stamp: Stamp | None) -> ElementUpdate:
+        ops = self.deletes + self.adds
+        if ops and stamp is not None:
+            # the stamp describes the table it sits in: replaced in the same transaction
+            one = nl.port_key(1)
+            ops += [nl.Op(False, STAMP_SET, (nl.Element(one),)),
+                    nl.Op(True, STAMP_SET, (nl.Element(one, comment=stamp.text()),))]
+            self._snapshot("set", STAMP_SET, [f"1 comment {comment(stamp.text())}"])
+        return ElementUpdate(ops, "".join(self.snapshots.values()) if ops else "")
+
+
+def _shape(rs: Ruleset) -> tuple[object, ...]:
+    return (rs.unknown_published, rs.unknown_origin, rs.outside, rs.host)
+
+
+def element_update(old: Ruleset, new: Ruleset, chains: Chains,
+                   stamp: Stamp | None = None) -> ElementUpdate | None:
+    """The element changes that turn the table rendered from `old` into the one `new` renders
+    to (with `stamp`, when the table carries one), or None when only a full table will do."""
+    if _shape(old) != _shape(new):
+        return None
+    order = chain_order(new)  # the chains a full render of `new` would have, in name order
+    if len(order) != len(chains) or not all(
+            same_list(a, b) for a, (b, _) in zip(order, chains, strict=True)):
+        return None
+    b = _Builder(chains)
+    try:
+        for proto in PROTOS:
+            if not b.map_diff(f"{proto}_ports", True, _gate_entries(old.container_gates, proto),
+                              _gate_entries(new.container_gates, proto)):
+                return None
+        for fam, version in (("v4", 4), ("v6", 6)):
+            for proto in PROTOS:
+                if not b.map_diff(f"direct_{fam}_{proto}", False,
+                                  _direct_entries(old.direct, version, proto),
+                                  _direct_entries(new.direct, version, proto)):
+                    return None
+        if not b.bridges(old.docker_bridges, new.docker_bridges):
+            return None
+    except ValueError:
+        return None  # e.g. a range up to port 65535: not expressible element by element
+    return b.update(stamp)

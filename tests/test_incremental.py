@@ -1,0 +1,130 @@
+"""Element updates turn the old table into exactly what a full render of the new one gives.
+
+The kernel check runs in a throwaway network namespace: the old table is loaded, the update is
+sent over netlink (and, separately, replayed as nft commands the way `restore` does), and both
+listings must equal how the kernel lists a full render of the new ruleset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dockfence import policy
+from dockfence.backends import netlink as nl
+from dockfence.backends import nftables as nft
+from dockfence.compile import compile_policy
+from dockfence.incremental import element_update, verdict_of
+from dockfence.model import Binding, Container, Inventory, Sources
+from dockfence.stamp import Stamp, digest
+
+from helpers import POLICY, container, scenario
+
+REPO = Path(__file__).resolve().parent.parent
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
+                                reason="needs root and nft for a throwaway network namespace")
+PARSED = policy.parse(POLICY, "/etc/dockfence/policy.yaml")
+
+
+def later() -> Inventory:
+    """scenario() after churn: admin gone, django moved to 8083, a new port next to an old
+    one (adjacent intervals), a routed container readdressed, a custom-named bridge."""
+    inv = scenario()
+    kept = [c for c in inv.containers if c.name not in ("admin", "django", "api")]
+    kept.append(container("django", ("tcp", 8083, 8080), service="web",
+                          addresses=("172.17.0.9",)))
+    kept.append(container("extra", ("tcp", 5433, 5432), addresses=("172.17.0.10",)))
+    kept.append(Container("api", "api" * 4, None,
+                          (Binding("tcp", "::", None, 8443), Binding("tcp", "0.0.0.0", 8443, 8443)),
+                          ("172.18.0.3", "2001:db8:78::3"), routed_addresses=("2001:db8:78::3",)))
+    return Inventory(tuple(sorted(kept, key=lambda c: c.name)), (*inv.bridges, "lan-docker"))
+
+
+def test_verdict_of_matches_render_and_needs_no_hashing() -> None:
+    rs = compile_policy(PARSED, scenario())
+    chains = nft.allow_chains(rs)
+    assert chains and all(verdict_of(s, chains) == f"jump {n}" for s, n in chains)
+    assert verdict_of(Sources(any=True), chains) == "jump allow_any"  # bans first
+    assert verdict_of(Sources(), chains) == "drop"
+    unknown = Sources.of([__import__("ipaddress").ip_network("198.51.100.99/32")])
+    assert verdict_of(unknown, chains) is None
+
+
+def test_only_what_differs_is_updated() -> None:
+    old, new = compile_policy(PARSED, scenario()), compile_policy(PARSED, later())
+    up = element_update(old, new, nft.allow_chains(old))
+    assert up is not None
+    ops = {(op.add, op.set, op.elements[0].key) for op in up.ops}
+    assert (False, "tcp_ports", nl.port_key(8081)) in ops
+    assert (True, "tcp_ports", nl.port_key(8083)) in ops
+    assert (True, "bridges", nl.ifname_key("lan-docker")) in ops
+    assert not any(op.elements[0].key == nl.port_key(5432) for op in up.ops)  # postgres stays
+    # the record gets each touched map's whole new content
+    assert "flush map inet dockfence tcp_ports\n" in up.text and "5432 comment" in up.text
+    assert '"lan-docker"' in up.text and "udp_ports" not in up.text
+    assert element_update(old, old, nft.allow_chains(old)).ops == []  # type: ignore[union-attr]
+
+
+def test_shape_changes_need_a_full_table() -> None:
+    old = compile_policy(PARSED, scenario())
+    other = policy.parse(POLICY.replace("default: deny\n  allow:\n    - container: django",
+                                        "default: allow\n  allow:\n    - container: django"))
+    assert element_update(old, compile_policy(other, scenario()), nft.allow_chains(old)) is None
+    # a rule that selected no container at the last apply already has its chain
+    lone = policy.parse(POLICY + "    - container: newcomer\n      port: 80/tcp\n"
+                                 "      from: [198.51.100.99]\n")
+    inv = scenario()
+    grown = Inventory((*inv.containers, container("newcomer", ("tcp", 8088, 80))), inv.bridges)
+    before = compile_policy(lone, inv)
+    up = element_update(before, compile_policy(lone, grown), nft.allow_chains(before))
+    assert up is not None and "8088 comment" in up.text
+    # two rules on one port: their union is a new allow-list, so a new chain
+    both = policy.parse(POLICY + "    - container: newcomer\n      port: 80/tcp\n"
+                                 "      from: [198.51.100.99]\n"
+                                 "    - host_port: 8088/tcp\n      from: [198.51.100.98]\n")
+    before = compile_policy(both, inv)
+    assert element_update(before, compile_policy(both, grown), nft.allow_chains(before)) is None
+
+
+SCRIPT = """
+import json, sys
+from dockfence.backends import netlink, nftables as nft
+from dockfence.incremental import ElementUpdate
+old, ops_mode, update_text = sys.argv[1], sys.argv[2], sys.argv[3]
+nft.apply_text(nft.transaction(old))
+if ops_mode == "netlink":
+    import pickle, base64
+    netlink.commit(nft.TABLE, pickle.loads(base64.b64decode(sys.argv[4])))
+else:  # as restore does: the table and the record's updates in one transaction
+    nft.apply_text(nft.transaction(old + update_text + update_text))
+print(nft.canonical(nft.live_json()))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["netlink", "nft"])
+def test_kernel_ends_with_the_new_tables_decisions(mode: str) -> None:
+    import base64
+    import pickle
+
+    stamp_old = Stamp(digest(b"p"), digest(b"i1"))
+    stamp_new = Stamp(digest(b"p"), digest(b"i2"))
+    old, new = compile_policy(PARSED, scenario()), compile_policy(PARSED, later())
+    up = element_update(old, new, nft.allow_chains(old), stamp_new)
+    assert up
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", SCRIPT, nft.render(old, stamp_old), mode,
+         up.text, base64.b64encode(pickle.dumps(up.ops)).decode()],
+        capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    # The same decisions as a full render of the new ruleset (a full apply gives each port a
+    # chain with its counters; an element update jumps to the allow-list's shared chain).
+    got = json.loads(proc.stdout)
+    assert nft.same_table(nft.parse_live({"nftables": got}), new)
+    assert nft.stamp_in({"nftables": got}) == stamp_new
