@@ -556,7 +556,7 @@ def gather(policy_path: str) -> Facts:
             pol = policy.load(policy_path)
             if inv is not None:
                 # the engine's own notion of "the live table is what apply would write"
-                f.policy_matches = engine.enforced(compile_policy(pol, inv))[1]
+                f.policy_matches = engine.enforced(pol, inv)[1]
         except DockfenceError as exc:
             f.policy_error = str(exc)
 

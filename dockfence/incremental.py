@@ -23,6 +23,7 @@ from .backends.nftables import (
     TABLE,
     chain_order,
     comment,
+    gate_name,
     same_list,
 )
 from .model import PROTOS, DirectGate, Gate, Ruleset, Sources
@@ -74,8 +75,10 @@ def _direct_entries(gates: Iterable[DirectGate], version: int, proto: str) -> di
 
 
 class _Builder:
-    def __init__(self, chains: Chains) -> None:
+    def __init__(self, chains: Chains, rendered: dict[str, dict[str, _Entry]]) -> None:
         self.chains = chains
+        # what the last full render wrote, map by map: its elements go to chains of their own
+        self.rendered = rendered
         self.deletes: list[nl.Op] = []
         self.adds: list[nl.Op] = []
         # name -> nft commands that give the set or map its whole new content. The record keeps
@@ -105,13 +108,19 @@ class _Builder:
             before, after = old.get(key), new.get(key)
             v_before = verdict_of(before[4], self.chains) if before else None
             v_after = verdict_of(after[4], self.chains) if after else None
-            if after is not None:
-                if v_after is None:
-                    return False
-                content.append(f'{key} comment "{after[3]}" : {v_after}')
+            if after is not None and v_after is None:
+                return False
             if before is not None and after is not None and \
                     (before[3], v_before) == (after[3], v_after):
+                # unchanged: the record keeps the verdict the kernel holds for it, the port's
+                # own chain when the last full render wrote the element
+                full = self.rendered.get(name, {}).get(key)
+                kept = f"goto {gate_name(name, key)}" if full is not None and full[3] == \
+                    after[3] and same_list(full[4], after[4]) else v_after
+                content.append(f'{key} comment "{after[3]}" : {kept}')
                 continue
+            if after is not None:
+                content.append(f'{key} comment "{after[3]}" : {v_after}')
             changed = True
             if before is not None:
                 self.deletes.append(nl.Op(False, name, self._elements(
@@ -151,17 +160,30 @@ def _shape(rs: Ruleset) -> tuple[object, ...]:
     return (rs.unknown_published, rs.unknown_origin, rs.outside, rs.host)
 
 
+def _rendered(rs: Ruleset | None) -> dict[str, dict[str, _Entry]]:
+    if rs is None:
+        return {}
+    out = {f"{proto}_ports": _gate_entries(rs.container_gates, proto) for proto in PROTOS}
+    for fam, version in (("v4", 4), ("v6", 6)):
+        for proto in PROTOS:
+            out[f"direct_{fam}_{proto}"] = _direct_entries(rs.direct, version, proto)
+    return out
+
+
 def element_update(old: Ruleset, new: Ruleset, chains: Chains,
-                   stamp: Stamp | None = None) -> ElementUpdate | None:
-    """The element changes that turn the table rendered from `old` into the one `new` renders
-    to (with `stamp`, when the table carries one), or None when only a full table will do."""
+                   stamp: Stamp | None = None, rendered: Ruleset | None = None
+                   ) -> ElementUpdate | None:
+    """The element changes that turn the table rendered from `old` into one that decides
+    what `new` decides (with `stamp`, when the table carries one), or None when only a full
+    table will do. Elements it adds jump to their allow-list's shared chain; `rendered` is the
+    ruleset of the last full render, whose elements keep their ports' own chains."""
     if _shape(old) != _shape(new):
         return None
     order = chain_order(new)  # the chains a full render of `new` would have, in name order
     if len(order) != len(chains) or not all(
             same_list(a, b) for a, (b, _) in zip(order, chains, strict=True)):
         return None
-    b = _Builder(chains)
+    b = _Builder(chains, _rendered(rendered))
     try:
         for proto in PROTOS:
             if not b.map_diff(f"{proto}_ports", True, _gate_entries(old.container_gates, proto),

@@ -74,6 +74,9 @@ class Guard:
     chains: Chains
     handle: int | None  # the table's kernel handle when watch last wrote it
     stamp: Stamp | None
+    # the ruleset of the table as render() wrote it (each port with its own chain), when watch
+    # knows that is what the kernel holds; None: some elements may jump to shared chains
+    rendered: Ruleset | None = None
 
     def inventory(self) -> Inventory:
         return discovery.make_inventory(self.containers.values(), self.bridges, self.backend)
@@ -248,7 +251,10 @@ class Watcher:
             containers={c.id: c for c in plan.inventory.containers},
             bridges=list(plan.inventory.bridges), routed=routed, backend=plan.inventory.
             firewall_backend, ruleset=desired, chains=nft.allow_chains(desired),
-            handle=netlink.table_handle(nft.TABLE), stamp=nft.live_stamp())
+            handle=netlink.table_handle(nft.TABLE), stamp=nft.live_stamp(),
+            rendered=None if plan.unchanged else desired)
+        if plan.unchanged:  # possibly a table with ports a former watch added: normalise it
+            self.rebuild_at = time.monotonic() + REBUILD_AFTER
         if sorted(set(bridges)) != sorted(set(plan.inventory.bridges)):
             self.pending = "networks changed during the sync"  # once more, from the start
         else:
@@ -317,7 +323,7 @@ class Watcher:
             self.report(f"{what}: {exc}; the current rules stay")
             return
         stamp = replace(g.stamp, inventory=inventory_digest(inv)) if g.stamp else None
-        update = element_update(g.ruleset, rs, g.chains, stamp)
+        update = element_update(g.ruleset, rs, g.chains, stamp, g.rendered)
         if update is None:
             self.pending = f"{what}: the table's shape changes"
             self._full(self.pending)
@@ -350,7 +356,7 @@ class Watcher:
         if not update:
             return
         self._applied(answered, True, new_table=False)
-        if any(op.add and op.set not in (nft.STAMP_SET, nft.BRIDGE_SET) for op in update.ops):
+        if any(op.set not in (nft.STAMP_SET, nft.BRIDGE_SET) for op in update.ops):
             self.rebuild_at = time.monotonic() + REBUILD_AFTER
         took, ours = (done - self.received) * 1000, (done - answered) * 1000
         # Docker answers an inspect only once the container's start (or stop) is complete: the

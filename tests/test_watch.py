@@ -188,7 +188,8 @@ def test_port_published_after_start_is_gated(watch: Watch) -> None:
     assert wait_for(lambda: probes(lab, 9090) == IN_OUT), probes(lab, 9090)
     # element updates, not a new table: the rule's allow-list had its chain from the start
     assert "updated" in watch.log() and watch.log().count(": applied") == 1, watch.log()
-    assert watch.in_step()
+    # and once events are quiet, a full apply gives the port its own chain and counters
+    assert wait_for(watch.in_step), watch.log()
 
 
 def test_compose_sequence_never_lets_a_stranger_in(watch: Watch) -> None:
