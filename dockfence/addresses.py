@@ -224,3 +224,62 @@ def contains(version: int, blocks: Sequence[int], address: int) -> bool:
     """Is the address inside one of these sorted, disjoint blocks?"""
     i = bisect_right(blocks, address << 8 | 0xFF) - 1
     return i >= 0 and span(version, blocks[i])[1] >= address
+
+
+# --- exact set algebra on collapsed blocks (deny lists: `from` minus `except`) ----------------
+
+def _intervals(version: int, blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted, disjoint blocks as merged half-open [start, end) intervals."""
+    bits = BITS[version]
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        start = b >> 8
+        end = start + (1 << (bits - (b & 0xFF)))
+        if out and out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _blocks(version: int, intervals: Iterable[tuple[int, int]]) -> tuple[int, ...]:
+    bits = BITS[version]
+    return tuple(b for s, e in intervals for b in _cidrs(s, e, bits))
+
+
+def intersect(version: int, a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The addresses in both collapsed block lists, as collapsed blocks."""
+    x, y = _intervals(version, a), _intervals(version, b)
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return _blocks(version, out)
+
+
+def subtract(version: int, a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The addresses in `a` but not in `b` (both collapsed), as collapsed blocks."""
+    if not a or not b:
+        return tuple(a)
+    y = _intervals(version, b)
+    out, j = [], 0
+    for start, end in _intervals(version, a):
+        cur = start
+        while j < len(y) and y[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(y) and y[k][0] < end:
+            if y[k][0] > cur:
+                out.append((cur, y[k][0]))
+            cur = max(cur, y[k][1])
+            if y[k][1] > end:
+                break
+            k += 1
+        if cur < end:
+            out.append((cur, end))
+    return _blocks(version, out)

@@ -153,6 +153,11 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
     the host); otherwise the previous table is restored, in one transaction too, and nothing
     was cut."""
     with host_lock(lock_wait):
+        # Downloaded lists due for a refresh first: the digest below covers their saved copies,
+        # so an unchanged download is still a no-op. A failed one keeps its last good copy.
+        from . import listurls
+
+        fetched = listurls.refresh_lists(policy_path)
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
         saved = state.Record()  # what `restore` loads at the next boot
@@ -160,10 +165,14 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         if not full and not rebuild and not ssh and saved.exists():
             quick, inv = _unchanged_by_stamp(policy_path)
             if quick is not None:
+                quick.warnings[:0] = fetched
                 return quick, 0
         from .plan import diff
 
-        pol, inv, desired = desired_state(policy_path, inv)
+        try:
+            pol, inv, desired = desired_state(policy_path, inv)
+        except listurls.MissingCopy as exc:  # say why the download failed, too
+            raise listurls.MissingCopy("\n".join([*fetched, str(exc)])) from None
         risk = lockout(desired, inv, ssh)
         if risk:
             raise LockoutError(risk)
@@ -180,7 +189,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (
             doc is None or nft.same_structure(doc, table))
         plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
-                    list(desired.warnings))
+                    fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
                 nft.apply_text(nft.stamp_update(st))
@@ -465,17 +474,17 @@ class PortStatus:
     refused: int | None = None
 
 
-def _networks(sources: Sources, memo: dict[tuple[int, int], list[str]] | None,
+def _networks(sources: Sources, memo: dict[tuple[int, ...], list[str]] | None,
               ) -> list[str] | None:
     """Every network, as text; one list behind many ports is written out once. None when
     not asked for (memo None): a table of counts needs no million strings."""
     if memo is None:
         return None
-    if sources.any:
-        return ["any"]
-    key = (id(sources.v4), id(sources.v6))
+    key = (id(sources.v4), id(sources.v6), id(sources.deny_v4), id(sources.deny_v6))
     if key not in memo:
-        memo[key] = sources.texts()
+        denied = Sources(v4=sources.deny_v4, v6=sources.deny_v6).texts()
+        memo[key] = (["any"] if sources.any else sources.texts()) + [f"except {t}"
+                                                                      for t in denied]
     return memo[key]
 
 
@@ -512,7 +521,7 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
 
 def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
                  counts: dict[str, int] | None = None,
-                 memo: dict[tuple[int, int], list[str]] | None = None) -> PortStatus:
+                 memo: dict[tuple[int, ...], list[str]] | None = None) -> PortStatus:
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -559,7 +568,7 @@ def status(networks: bool = True) -> Status:
     inv = discovery.inventory()
     live = live_rules()
     counts = (nft.live_counters() or {}) if live else {}
-    memo: dict[tuple[int, int], list[str]] | None = {} if networks else None
+    memo: dict[tuple[int, ...], list[str]] | None = {} if networks else None
     ports = [_port_status(c, b, live, inv, counts, memo) for c in inv.containers
              for b in c.bindings]
     warnings: list[str] = _stale_direct(live, inv) if live else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import asdict, dataclass
 
-from .model import Inventory, PortRange, Proto, Ruleset, Verdict, find_gate
+from .model import Inventory, PortRange, Proto, Ruleset, Sources, Verdict, find_gate
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
             ok = direct.sources.admits(source)
             return result("allow" if ok else "deny",
                           f"{direct.label} (direct route to container address {to})",
-                          direct.origin, f"{'allowed' if ok else 'not in the allow-list'} of "
-                          f"the published port: {direct.sources.detail()}")
+                          direct.origin, f"{_why(direct.sources, source)} of the published "
+                          "port")
         for c in inventory.containers:
             if str(to) in c.addresses:
                 return result("deny", f"{c.name} port {port}/{proto} (container address {to})",
@@ -78,8 +78,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
         target = "; ".join(f"{k} (published on {', '.join(v)})" for k, v in endpoints.items()) \
             or gate.label
         ok = gate.sources.admits(source)
-        return result("allow" if ok else "deny", target, gate.origin,
-                      f"{'allowed' if ok else 'not in the allow-list'}: {gate.sources.detail()}")
+        return result("allow" if ok else "deny", target, gate.origin, _why(gate.sources, source))
     if published:
         c, b = published[0]
         return result(rs.unknown_published, f"{c.name} {b.container_port}/{b.proto}",
@@ -99,9 +98,16 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
     if hgate is not None:
         ok = hgate.sources.admits(source)
         return result("allow" if ok else "deny", port_desc, hgate.origin,
-                      f"{'allowed' if ok else 'not in the allow-list'}: {hgate.sources.detail()}")
+                      _why(hgate.sources, source))
     return result(rs.host.default, port_desc, rs.host.origin,
                   "a host port no rule names")
+
+
+def _why(sources: Sources, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    if sources.denied(source):
+        return f"refused by an except: {sources.detail()}"
+    ok = sources.admits(source)
+    return f"{'allowed' if ok else 'not in the allow-list'}: {sources.detail()}"
 
 
 def parse_port_arg(text: str) -> tuple[int, Proto]:

@@ -43,7 +43,7 @@ class ElementUpdate:
 
 def verdict_of(sources: Sources, chains: Chains) -> str | None:
     """The verdict render() gives an allow-list, or None when no chain holds it."""
-    if sources.any:
+    if sources.any and not sources.denies:  # `any except ...` has a chain of its own
         return f"jump {ALLOW_ANY}"  # refuses bans first
     if sources.nobody:
         return "drop"

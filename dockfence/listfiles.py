@@ -8,11 +8,13 @@ integer blocks (dockfence.addresses): a million-line file costs no `ipaddress` o
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 from . import addresses, stamp
 from .errors import PolicyError
@@ -45,11 +47,16 @@ def read_bytes(policy_path: str, line: int | None, lf: ListFile) -> bytes:
 
 def parse(lf: ListFile, data: bytes) -> tuple[list[int], list[int]]:
     """The file's (IPv4, IPv6) blocks; errors name the file, line and value."""
+    return parse_at(lf.shown, data)
+
+
+def parse_at(where: str, data: bytes) -> tuple[list[int], list[int]]:
+    """The (IPv4, IPv6) blocks of a list's text; errors name `where`, the line and value."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise PolicyError(lf.shown, line, "not UTF-8 text") from None
+        raise PolicyError(where, line, "not UTF-8 text") from None
     lines = text.splitlines()
     if "#" in text:  # C loops (map) throughout: a million lines cost no Python bytecode each
         lines = list(map(operator.itemgetter(0), map(str.partition, lines, repeat("#"))))
@@ -58,28 +65,37 @@ def parse(lf: ListFile, data: bytes) -> tuple[list[int], list[int]]:
         return addresses.parse_many(list(filter(None, cleaned)))
     except addresses.BadEntry as exc:
         numbers = [i for i, entry in enumerate(cleaned, 1) if entry]
-        raise PolicyError(lf.shown, numbers[exc.index], str(exc), exc.text) from None
+        raise PolicyError(where, numbers[exc.index], str(exc), exc.text) from None
 
 
 def policy_digest(policy_path: str, text: str | bytes,
-                  lists: list[tuple[ListFile, bytes]]) -> str:
+                  lists: list[tuple[ListFile, bytes]],
+                  downloaded: list[tuple[str, str, bytes]] | None = None) -> str:
     """The digest of everything a policy's rules are made of: the path as given (origins quote
-    it), where it is (relative list files depend on it), its text (as UTF-8 bytes), and each
-    list file."""
+    it), where it is (relative list files depend on it), its text (as UTF-8 bytes), each list
+    file, and the saved copy of each downloaded list (name, URL, bytes)."""
     data = text if isinstance(text, bytes) else text.encode()
     chunks = [policy_path.encode(), os.path.abspath(policy_path).encode(), data]
     for lf, data in lists:
         chunks += [lf.name.encode(), lf.shown.encode(), os.path.abspath(lf.shown).encode(), data]
+    for name, url, data in downloaded or []:
+        chunks += [b"url", name.encode(), url.encode(), data]
     return stamp.digest(*chunks)
 
 
-def discover(text: str, policy_path: str) -> list[tuple[str, str]] | None:
-    """(name, written path) of the list files a policy names, found without validating it, so
-    that `apply` can tell "nothing changed" cheaply; None when unsure (the caller then loads the
-    policy properly). A policy that never spells `file` (nor escapes a character, which YAML
-    could use to spell it) has none, and its YAML need not even be parsed."""
-    if "file" not in text and "\\" not in text:
+def discover(text: str, policy_path: str) -> list[tuple[str, str, Any]] | None:
+    """(name, "file", written path) of the list files a policy names and (name, "url", its
+    mapping) of its downloaded lists, found without validating it, so that `apply` can tell
+    "nothing changed" cheaply; None when unsure (the caller then loads the policy properly).
+    A policy that never spells `file` or `url` (nor escapes a character, which YAML could use
+    to spell them) has none, and its YAML need not even be parsed."""
+    if "file" not in text and "url" not in text and "\\" not in text:
         return []
+    return _discover(text)
+
+
+@functools.lru_cache(maxsize=2)  # apply asks twice (refresh, then the digest): parse once
+def _discover(text: str) -> list[tuple[str, str, Any]] | None:
     try:
         import yaml
 
@@ -91,12 +107,15 @@ def discover(text: str, policy_path: str) -> list[tuple[str, str]] | None:
         return []
     if not isinstance(lists, dict):
         return None
-    found = []
+    found: list[tuple[str, str, Any]] = []
     for name, value in lists.items():
         if isinstance(value, dict):
-            if not isinstance(value.get("file"), str):
+            if isinstance(value.get("file"), str):
+                found.append((str(name), "file", value["file"]))
+            elif isinstance(value.get("url"), str):
+                found.append((str(name), "url", value))
+            else:
                 return None
-            found.append((str(name), value["file"]))
     return found
 
 
@@ -110,11 +129,20 @@ def inputs_digest(policy_path: str) -> str | None:
     found = discover(text, policy_path)
     if found is None:
         return None
-    lists = []
-    for name, written in found:
-        lf = ListFile.at(name, written, policy_path)
+    lists, downloaded = [], []
+    for name, kind, value in found:
+        if kind == "url":
+            from .listurls import LIST_NAME_RE, ListURL, saved
+
+            data = saved(ListURL(name, value["url"]), verify=False) \
+                if LIST_NAME_RE.match(name) else None
+            if data is None:
+                return None
+            downloaded.append((name, value["url"], data))
+            continue
+        lf = ListFile.at(name, value, policy_path)
         try:
             lists.append((lf, Path(lf.shown).read_bytes()))
         except OSError:
             return None
-    return policy_digest(policy_path, text, lists)
+    return policy_digest(policy_path, text, lists, downloaded)

@@ -72,12 +72,18 @@ class Sources:
 
     `names` is how the policy wrote it (list names, addresses), for people to read; it takes no
     part in comparisons.
+
+    Deny lists (`except:`) make it a pair: an address is admitted when `any` or one of `v4`/`v6`
+    holds it, and `deny_v4`/`deny_v6` do not. The deny blocks always lie inside what `any` or
+    `v4`/`v6` cover (they are cut to it), and the kernel refuses them before it accepts.
     """
 
     any: bool = False
     v4: tuple[int, ...] = ()
     v6: tuple[int, ...] = ()
     names: tuple[str, ...] = field(default=(), compare=False)
+    deny_v4: tuple[int, ...] = ()
+    deny_v6: tuple[int, ...] = ()
 
     @staticmethod
     def of(networks: Iterable[IPNetwork], any_: bool = False,
@@ -94,6 +100,22 @@ class Sources:
             return Sources(any=True, names=("any",))
         return Sources(v4=addresses.collapse(4, v4), v6=addresses.collapse(6, v6), names=names)
 
+    def excepting(self, v4: Iterable[int], v6: Iterable[int], names: tuple[str, ...]) -> Sources:
+        """These sources but for the given blocks (a rule's `except:`): the denied blocks cut
+        to what is admitted, so that an `except` outside `from` changes nothing."""
+        d4, d6 = addresses.collapse(4, v4), addresses.collapse(6, v6)
+        if not self.any:
+            d4, d6 = addresses.intersect(4, self.v4, d4), addresses.intersect(6, self.v6, d6)
+        if self.any and not (d4 or d6):
+            return Sources(any=True, names=("any",))
+        if self.nobody or (d4 == self.v4 and d6 == self.v6 and not self.any):
+            return Sources(names=names)  # everything it named is excepted: nobody
+        return Sources(self.any, self.v4, self.v6, names, d4, d6)
+
+    @property
+    def denies(self) -> bool:
+        return bool(self.deny_v4 or self.deny_v6)
+
     @property
     def nobody(self) -> bool:
         return not self.any and not self.v4 and not self.v6
@@ -101,6 +123,10 @@ class Sources:
     @property
     def count(self) -> int:
         return len(self.v4) + len(self.v6)
+
+    @property
+    def deny_count(self) -> int:
+        return len(self.deny_v4) + len(self.deny_v6)
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -116,24 +142,61 @@ class Sources:
         return addresses.show_all(4, v4) + addresses.show_all(6, v6)
 
     def admits(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return self.covers(address) and not self.denied(address)
+
+    def covers(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Is the address in `from` (before any `except`)?"""
         blocks = self.v4 if address.version == 4 else self.v6
         return self.any or addresses.contains(address.version, blocks, int(address))
 
+    def denied(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Does an `except` refuse the address?"""
+        blocks = self.deny_v4 if address.version == 4 else self.deny_v6
+        return addresses.contains(address.version, blocks, int(address))
+
     def union(self, other: Sources) -> Sources:
+        """Rules add up. With deny lists, the union of (A1 minus D1) and (A2 minus D2), each Di
+        inside Ai, is exactly (A1 + A2) minus D where D = (D1 & D2) + (D1 - A2) + (D2 - A1):
+        an address of D1 is refused by the union exactly when rule 2 does not admit it, that
+        is when it is outside A2 or inside D2 (and the same the other way round); an address
+        in neither Di is admitted by whichever rule covers it. D lies inside A1 + A2 again."""
+        names = tuple(dict.fromkeys((*self.names, *other.names)))
+        if self.denies or other.denies:
+            return self._union_denying(other, names)
         if self.any or other.any:
             return Sources(any=True, names=("any",))
-        names = tuple(dict.fromkeys((*self.names, *other.names)))
         if self == other or other.nobody:
             return Sources(v4=self.v4, v6=self.v6, names=names)  # one rule, several bindings
         if self.nobody:
             return Sources(v4=other.v4, v6=other.v6, names=names)
         return Sources.of_blocks(self.v4 + other.v4, self.v6 + other.v6, names=names)
 
+    def _union_denying(self, other: Sources, names: tuple[str, ...]) -> Sources:
+        if self == other:
+            return Sources(self.any, self.v4, self.v6, names, self.deny_v4, self.deny_v6)
+        deny = []
+        for v, a1, d1, a2, d2 in ((4, self.v4, self.deny_v4, other.v4, other.deny_v4),
+                                  (6, self.v6, self.deny_v6, other.v6, other.deny_v6)):
+            parts = list(addresses.intersect(v, d1, d2))
+            if not other.any:  # nothing lies outside `any`
+                parts += addresses.subtract(v, d1, a2)
+            if not self.any:
+                parts += addresses.subtract(v, d2, a1)
+            deny.append(addresses.collapse(v, parts))
+        if self.any or other.any:
+            if not (deny[0] or deny[1]):
+                return Sources(any=True, names=("any",))
+            return Sources(True, (), (), names, deny[0], deny[1])
+        return Sources(False, addresses.collapse(4, self.v4 + other.v4),
+                       addresses.collapse(6, self.v6 + other.v6), names, deny[0], deny[1])
+
     def describe(self, limit: int = 8) -> str:
         """Short enough for a table cell whatever the size: the policy's own words when known,
         else the first networks; with a count once the list is long."""
-        if self.any:
+        if self.any and not self.denies:
             return "anyone"
+        if self.any and not self.names:
+            return f"anyone except {self.deny_count:,} networks"
         if self.nobody:
             return "nobody"
         count = self.count

@@ -70,10 +70,26 @@ def _delta(before: Sources | str, after: Sources | str,
             or before.any or after.any:
         return [], []
     # one list behind many ports is compared once
-    key = (id(before.v4), id(before.v6), id(after.v4), id(after.v6))
+    key = (id(before.v4), id(before.v6), id(after.v4), id(after.v6), id(before.deny_v4),
+           id(before.deny_v6), id(after.deny_v4), id(after.deny_v6))
     if key not in memo:
-        memo[key] = _compare(before, after)
+        if before.denies or after.denies:  # address by address: the blocks are cut anew
+            b, a = _admitted(before), _admitted(after)
+            memo[key] = ([t for v, x, y in ((4, a.v4, b.v4), (6, a.v6, b.v6))
+                          for t in addresses.show_all(v, addresses.subtract(v, x, y))],
+                         [t for v, x, y in ((4, b.v4, a.v4), (6, b.v6, a.v6))
+                          for t in addresses.show_all(v, addresses.subtract(v, x, y))])
+        else:
+            memo[key] = _compare(before, after)
     return memo[key]
+
+
+def _admitted(s: Sources) -> Sources:
+    """What a (not `any`) allow-list admits, its `except` taken out."""
+    if not s.denies:
+        return s
+    return Sources(v4=addresses.subtract(4, s.v4, s.deny_v4),
+                   v6=addresses.subtract(6, s.v6, s.deny_v6))
 
 
 def _compare(before: Sources, after: Sources) -> tuple[list[str], list[str]]:

@@ -13,19 +13,21 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     WithJsonSchema,
 )
 
-from . import addresses, listfiles, located_yaml
+from . import addresses, listfiles, listurls, located_yaml
 from .errors import PolicyError
 from .model import IFNAME_RE, PortRange, PortSpec, Sources, Verdict
 
 _PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
 # Docker container names (and compose service names, which are stricter).
 NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+LIST_NAME_RE = listurls.LIST_NAME_RE
 # Bounds what one check costs (well under 2 s at this size); see README, "The policy".
 MAX_POLICY_BYTES = 8 * 1024 * 1024
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
@@ -88,9 +90,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True)
 
 
+_EXCEPT_SCHEMA = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "list names, addresses or CIDRs this rule refuses although `from` names "
+                   "them (a deny list: `from: any` with `except: [abusers]`)",
+}
+ExceptField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_EXCEPT_SCHEMA)]
+
+
 class _HostRule(_Strict):
     port: PortField
     from_: SourceField = Field(alias="from")
+    except_: ExceptField = Field([], alias="except")
 
 
 class _ContainerRule(_Strict):
@@ -98,6 +109,7 @@ class _ContainerRule(_Strict):
     port: PortField | None = None
     host_port: PortField | None = None
     from_: SourceField = Field(alias="from")
+    except_: ExceptField = Field([], alias="except")
 
 
 class _HostSection(_Strict):
@@ -119,10 +131,42 @@ class _ListFile(_Strict):
     file: str = Field(min_length=1)
 
 
+def _url(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("a list URL is a string")
+    return listurls.check_url(value)
+
+
+class _ListURL(_Strict):
+    url: Annotated[str, BeforeValidator(_url),
+                   WithJsonSchema({"type": "string", "pattern": "^https?://",
+                                   "description": "where the list is downloaded from (http or "
+                                                  "https): one address or CIDR per line"})]
+    refresh: Annotated[int, BeforeValidator(listurls.parse_refresh),
+                       WithJsonSchema({"type": "string", "pattern": r"^\d+[smhdw]?$",
+                                       "description": "how old the saved copy may get before "
+                                                      "apply downloads it again (default 1d)"})
+                       ] = listurls.DEFAULT_REFRESH
+
+
+def _list_kind(value: object) -> str:
+    """Which form a list takes, so that errors speak of that form only."""
+    if isinstance(value, dict):
+        return "url" if "url" in value else "file"
+    return "inline"
+
+
+_LIST_TAGS = ("inline", "file", "url")
+_ListValue = Annotated[
+    Annotated[list[str], Tag("inline")] | Annotated[_ListFile, Tag("file")]
+    | Annotated[_ListURL, Tag("url")],
+    Discriminator(_list_kind)]
+
+
 class _Document(_Strict):
     version: Literal[1]
     interfaces: list[Annotated[str, BeforeValidator(_ifname)]] | None = Field(None, min_length=1)
-    lists: dict[str, list[str] | _ListFile] = {}
+    lists: dict[str, _ListValue] = {}
     host: _HostSection | None = None
     containers: _ContainerSection = _ContainerSection()
 
@@ -234,6 +278,9 @@ def parse(text: str | bytes, path: str = "<policy>") -> Policy:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
+        if len(loc) > 2 and loc[0] == "lists" and loc[2] in _LIST_TAGS:  # the form's tag
+            loc = loc[:2] + loc[3:]
+            err = {**err, "loc": loc}
         line = doc.line(loc) or doc.lines.line  # a missing top-level key: the document's
         raise PolicyError(path, line, _friendly(err), doc.value(loc)) from None
     return _resolve(raw, doc, path, text)
@@ -245,6 +292,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
     lists: dict[str, tuple[list[int], list[int]]] = {}  # name -> (IPv4, IPv6) blocks
     labels: dict[str, str] = {}  # how plan and status name a list read from a file
     files: list[tuple[listfiles.ListFile, bytes]] = []
+    downloaded: list[tuple[str, str, bytes]] = []  # (name, URL, the saved copy)
     for name, entries in raw.lists.items():
         if not LIST_NAME_RE.match(name) or name == "any":
             raise PolicyError(path, doc.line(("lists", name)),
@@ -256,6 +304,13 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
             lists[name] = listfiles.parse(lf, data)
             labels[name] = lf.label()
             files.append((lf, data))
+            continue
+        if isinstance(entries, _ListURL):
+            lu = listurls.ListURL(name, entries.url, entries.refresh)
+            data = listurls.read_saved(lu)
+            lists[name] = listfiles.parse_at(f"{lu.label()} (saved copy {lu.copy})", data)
+            labels[name] = f"{name} (url {lu.url})"
+            downloaded.append((name, lu.url, data))
             continue
         try:
             lists[name] = addresses.parse_many([str(e) for e in entries])
@@ -291,11 +346,24 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
         seen[key] = Sources.of_blocks(v4, v6, any_, tuple(labels.get(e, e) for e in key))
         return seen[key]
 
+    def rule_sources(r: _HostRule | _ContainerRule, loc: tuple[str | int, ...]) -> Sources:
+        """`from` minus `except`, named as the policy wrote it ("any except abusers")."""
+        admitted = sources(r.from_, (*loc, "from"))
+        if not r.except_:
+            return admitted
+        if "any" in (str(e) for e in r.except_):
+            raise PolicyError(path, doc.line((*loc, "except")), "`except: any` refuses "
+                              "everyone; write `from: []` to admit nobody", "any")
+        refused = sources(r.except_, (*loc, "except"))
+        words = ", ".join(admitted.names or ("any",) if admitted.any else admitted.names)
+        return admitted.excepting(refused.v4, refused.v6,
+                                  (f"{words} except {', '.join(refused.names)}",))
+
     host_rules: list[HostRule] = []
     if raw.host is not None:
         for i, r in enumerate(raw.host.allow):
             loc = ("host", "allow", i)
-            host_rules.append(HostRule(r.port, sources(r.from_, (*loc, "from")),
+            host_rules.append(HostRule(r.port, rule_sources(r, loc),
                                        doc.line(loc) or 0))
 
     container_rules: list[ContainerRule] = []
@@ -309,7 +377,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
             raise PolicyError(path, line, "`port` is the container's own port: name the "
                               "`container` too, or use `host_port`")
         container_rules.append(ContainerRule(r.container, r.port, r.host_port,
-                                             sources(r.from_, (*loc, "from")), line))
+                                             rule_sources(r, loc), line))
 
     label_limit = None
     if raw.containers.labels is not None:
@@ -334,6 +402,6 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
         # only labels look lists up by name later; do not pay for it otherwise
         lists={name: Sources.of_blocks(v4, v6, names=(name,))
                for name, (v4, v6) in lists.items()} if label_limit is not None else {},
-        digest=listfiles.policy_digest(path, text, files),
+        digest=listfiles.policy_digest(path, text, files, downloaded),
         list_files=tuple(lf for lf, _ in files),
     )

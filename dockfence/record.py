@@ -45,7 +45,8 @@ def encode(rs: Ruleset) -> dict[str, Any]:
         if s not in sources:
             sources[s] = len(listed)
             listed.append({"any": s.any, "v4": _blocks_hex(4, s.v4), "v6": _blocks_hex(6, s.v6),
-                           "names": list(s.names)})
+                           "names": list(s.names), "deny_v4": _blocks_hex(4, s.deny_v4),
+                           "deny_v6": _blocks_hex(6, s.deny_v6)})
         return sources[s]
 
     def gate(g: Gate) -> list[Any]:
@@ -66,7 +67,8 @@ def encode(rs: Ruleset) -> dict[str, Any]:
 
 def decode(doc: dict[str, Any]) -> Ruleset:
     sources = [Sources(any=s["any"], v4=_hex_blocks(4, s["v4"]), v6=_hex_blocks(6, s["v6"]),
-                       names=tuple(s["names"])) for s in doc["sources"]]
+                       names=tuple(s["names"]), deny_v4=_hex_blocks(4, s.get("deny_v4", "")),
+                       deny_v6=_hex_blocks(6, s.get("deny_v6", ""))) for s in doc["sources"]]
 
     def gate(g: list[Any]) -> Gate:
         return Gate(g[0], PortRange(g[1], g[2]), sources[g[3]], g[4], g[5])

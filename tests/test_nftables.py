@@ -28,6 +28,17 @@ CASES = {
         scenario(),
     ),
     "empty_host": ("version: 1\n", Inventory()),
+    # deny lists: `any except` refuses before it accepts; `office except` cuts the office; two
+    # rules on one port with different excepts add up exactly; a host rule with an except
+    "except": (
+        "version: 1\nlists:\n  abusers: [198.51.100.66, '2001:db8:bad::/48']\n"
+        "  office: [203.0.113.0/28]\nhost:\n  allow:\n"
+        "    - {port: 22, from: office, except: 203.0.113.9}\ncontainers:\n  allow:\n"
+        "    - {container: django, port: 8080, from: any, except: [abusers]}\n"
+        "    - {container: postgres, port: 5432, from: [office, abusers], except: [abusers]}\n"
+        "    - {container: postgres, port: 5432, from: 198.51.100.64/30, except: 198.51.100.65}\n",
+        scenario(),
+    ),
 }
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("nft"),

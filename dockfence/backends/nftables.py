@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import addresses
@@ -52,6 +52,7 @@ TAG_DIRECT = "direct routing"
 TAG_HOST = "host.default"
 TAG_REVOKED = "revoked"
 TAG_BANNED = "banned"
+TAG_EXCEPT = "except"
 TAG_LOOPBACK = "loopback from outside"
 # conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
@@ -122,7 +123,8 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
 def same_list(a: Sources, b: Sources) -> bool:
     """Equal allow-lists, identity first: the same policy list is the same tuple, and comparing
     (or hashing) 100,000 networks on every watch event is what this avoids."""
-    return a.any == b.any and (a.v4 is b.v4 or a.v4 == b.v4) and (a.v6 is b.v6 or a.v6 == b.v6)
+    return a.any == b.any and (a.v4 is b.v4 or a.v4 == b.v4) and (a.v6 is b.v6 or a.v6 == b.v6) \
+        and a.deny_v4 == b.deny_v4 and a.deny_v6 == b.deny_v6
 
 
 def chain_order(rs: Ruleset) -> list[Sources]:
@@ -135,7 +137,7 @@ def chain_order(rs: Ruleset) -> list[Sources]:
     gates += [g.sources for g in rs.host.gates] if rs.host else []
     gates += [d.sources for d in rs.direct]
     for s in (*rs.allow_lists, *gates):
-        if not s.any and not s.nobody and not any(same_list(s, k) for k in out):
+        if (s.denies or (not s.any and not s.nobody)) and not any(same_list(s, k) for k in out):
             out.append(s)
     return out
 
@@ -151,17 +153,23 @@ class _Renderer:
     lines: list[str]
     sets: dict[Sources, list[tuple[str, str]]]
     elements: bool = True  # False: the structure only (sets without their addresses)
+    deny: dict[Sources, list[tuple[str, str]]] = field(default_factory=dict)  # `except` sets
 
     def shared_chains(self, chains: list[tuple[Sources, str]]) -> None:
         """Every allow-list the policy names gets its sets and a shared chain from the start,
         named by the policy alone: watch adds a new port as one map element jumping there."""
         for sources, name in chains:
-            tests = [f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, name)]
+            if sources.any:  # `any except ...`: no allow sets, but a name of its own
+                self.sets.setdefault(sources, [])
+            tests = [""] if sources.any else [
+                f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, name)]
             self.lines += [f"\tcounter {name}_allowed {{", "\t}",
                            f"\tcounter {name}_refused {{", "\t}",
                            f"\tchain {name} {{", *_banned(f"{name}_refused"),
+                           *self.refusals(f"{name}_refused", sources),
                            *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
-                           refuse(f"{name}_refused", comment(f"allow-list {name}")), "\t}"]
+                           *([] if sources.any else
+                             [refuse(f"{name}_refused", comment(f"allow-list {name}"))]), "\t}"]
         self.lines += [f"\tchain {ALLOW_ANY} {{", *_banned(COUNTER_BANNED), "\t\taccept", "\t}"]
 
     def allow_sets(self, sources: Sources, name: str | None = None) -> list[tuple[str, str]]:
@@ -169,35 +177,58 @@ class _Renderer:
         known = next((k for k in self.sets if same_list(k, sources)), None)
         if known is not None:
             return self.sets[known]
-        if sources not in self.sets:
-            name = name or f"allow_{len(self.sets)}"
-            self.sets[sources] = []
-            for fam, version, blocks in (("ip", 4, sources.v4), ("ip6", 6, sources.v6)):
-                if blocks:
-                    sname = f"{name}_v{version}"
-                    elements = ", ".join(addresses.show_all(version, blocks)) \
-                        if self.elements else ""
-                    self.lines += [
-                        f"\tset {sname} {{",
-                        f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
-                        "\t\tflags interval",
-                        # how the policy wrote it, so status can say "office" again
-                        *([f"\t\tcomment {comment(', '.join(sources.names))}"]
-                          if sources.names else []),
-                        *([f"\t\telements = {{ {elements} }}"] if elements else []),
-                        "\t}",
-                    ]
-                    self.sets[sources].append((fam, sname))
+        name = name or f"allow_{len(self.sets)}"
+        self.sets[sources] = self._address_sets(sources, name, sources.v4, sources.v6)
         return self.sets[sources]
+
+    def deny_sets(self, sources: Sources) -> list[tuple[str, str]]:
+        """(family match, set name) of the addresses an allow-list's `except` refuses."""
+        known = next((k for k in self.deny if same_list(k, sources)), None)
+        if known is not None:
+            return self.deny[known]
+        self.deny[sources] = self._address_sets(sources, f"deny_{len(self.deny)}",
+                                                sources.deny_v4, sources.deny_v6)
+        return self.deny[sources]
+
+    def refusals(self, counter: str, sources: Sources) -> list[str]:
+        """`except`: refused before anything is accepted, counted and reported as refusals."""
+        if not sources.denies:
+            return []
+        text = comment(TAG_EXCEPT, ", ".join(sources.names))
+        return [refuse(counter, text, f"{fam} saddr @{sname} ")
+                for fam, sname in self.deny_sets(sources)]
+
+    def _address_sets(self, sources: Sources, name: str, v4: tuple[int, ...],
+                      v6: tuple[int, ...]) -> list[tuple[str, str]]:
+        out = []
+        for fam, version, blocks in (("ip", 4, v4), ("ip6", 6, v6)):
+            if blocks:
+                sname = f"{name}_v{version}"
+                elements = ", ".join(addresses.show_all(version, blocks)) \
+                    if self.elements else ""
+                self.lines += [
+                    f"\tset {sname} {{",
+                    f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
+                    "\t\tflags interval",
+                    # how the policy wrote it, so status can say "office" again
+                    *([f"\t\tcomment {comment(', '.join(sources.names))}"]
+                      if sources.names else []),
+                    *([f"\t\telements = {{ {elements} }}"] if elements else []),
+                    "\t}",
+                ]
+                out.append((fam, sname))
+        return out
 
     def gate_chain(self, name: str, text: str, sources: Sources) -> str:
         """One chain per gate, so each port counts its own allowed and refused connections."""
         tests = [""] if sources.any else [] if sources.nobody else [
             f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
+        denied = self.refusals(f"{name}_refused", sources) if tests else []
         self.lines += [f"\tcounter {name}_allowed {{", "\t}",
                        f"\tcounter {name}_refused {{", "\t}",
                        f"\tchain {name} {{",
                        *(_banned(f"{name}_refused") if tests else []),
+                       *denied,
                        *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
                        *([] if sources.any else [refuse(f"{name}_refused", text)]),
                        "\t}"]
@@ -536,8 +567,9 @@ def _listed(rs: Ruleset) -> tuple[Any, ...]:
     cut at 127 characters), so a ruleset parsed back from the kernel compares equal to the one
     that was rendered."""
     def src(s: Sources) -> tuple[Any, ...]:
-        named = s.names and not s.any and not s.nobody
-        return s.any, s.v4, s.v6, comment(", ".join(s.names)) if named else None
+        named = s.names and (s.denies or (not s.any and not s.nobody))
+        return (s.any, s.v4, s.v6, s.deny_v4, s.deny_v6,
+                comment(", ".join(s.names)) if named else None)
 
     def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
         return tuple((g.proto, g.ports, src(g.sources), comment(g.label, g.origin)) for g in gs)
@@ -659,12 +691,18 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         refs = [e["match"]["right"][1:] for expr in accepts for e in expr
                 if isinstance(e.get("match", {}).get("right"), str)
                 and e["match"]["right"].startswith("@")]
+        denies = [e["match"]["right"][1:] for r in rules.get(target, [])
+                  if any("drop" in e for e in r["expr"]) for e in r["expr"]
+                  if isinstance(e.get("match", {}).get("right"), str)
+                  and e["match"]["right"].startswith("@deny_")]
+        d4 = next((sets[r] for r in denies if r.endswith("_v4")), ())
+        d6 = next((sets[r] for r in denies if r.endswith("_v6")), ())
+        names = next((set_names[r] for r in refs + denies if r in set_names), ())
         if accepts and not refs:
-            return Sources(any=True)
-        names = next((set_names[r] for r in refs if r in set_names), ())
+            return Sources(any=True, names=names if d4 or d6 else (), deny_v4=d4, deny_v6=d6)
         v4 = next((sets[r] for r in refs if r.endswith("_v4")), ())
         v6 = next((sets[r] for r in refs if r.endswith("_v6")), ())
-        return Sources(v4=v4, v6=v6, names=names)
+        return Sources(v4=v4, v6=v6, names=names, deny_v4=d4, deny_v6=d6)
 
     def gates(map_name: str, proto: str) -> list[Gate]:
         out = []

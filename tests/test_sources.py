@@ -1,0 +1,279 @@
+"""Where allow-lists come from: lists downloaded from a URL, and deny lists (`except:`).
+
+Lists are served by tests/list_server.py from inside a network namespace (never the internet):
+first a bare namespace for the downloader's limits (no Docker needed), then the lab's second
+client namespace, where the lab's Docker host downloads them and real packets prove that an
+address from the downloaded list gets in and a stranger does not, baseline first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockfence.lab import (
+    CLIENT2_V4,
+    CLIENT_V4,
+    CLIENT_V4_ALT,
+    CLIENT_V6,
+    CLIENT_V6_ALT,
+    HOST_EXT0_V4,
+    HOST_EXT0_V6,
+    HOST_EXT0_V6_ALT,
+    Lab,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER = Path(__file__).resolve().parent / "list_server.py"
+PORT = 8000
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+def start_server(ns: str, address: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(SERVER), address,
+                             str(PORT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()  # by the pid we started
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def in_ns(ns: str, state: Path, code: str) -> Any:
+    """Run Python in namespace ns with this checkout; what it prints, as JSON."""
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "DOCKFENCE_STATE_DIR": str(state)})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# --- the downloader's limits, in a bare namespace ---------------------------------------------
+
+class Served:
+    def __init__(self, ns: str, state: Path) -> None:
+        self.ns, self.state = ns, state
+        self.base = f"http://198.51.100.5:{PORT}"
+
+    def refresh(self, mode: str, **limits: float) -> dict[str, Any]:
+        """Serve `mode` at /list, download it as list `cdn`: the warning and what is kept."""
+        return in_ns(self.ns, self.state, f"""
+import json, urllib.request
+from dockfence import listurls
+urllib.request.urlopen({self.base!r} + "/set/{mode}", timeout=5).read()
+lu = listurls.ListURL("cdn", {self.base!r} + "/list", 3600)
+t = __import__("time").monotonic()
+w = listurls.refresh(lu, **{limits!r})
+print(json.dumps({{"warning": w, "kept": (listurls.saved(lu) or b"").decode(),
+                  "seconds": __import__("time").monotonic() - t}}))
+""")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    ns = f"dfsrc{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "198.51.100.5/32", "dev", "lo"],
+                       check=True)
+        proc = start_server(ns, "198.51.100.5")
+        try:
+            yield Served(ns, tmp_path_factory.mktemp("state"))
+        finally:
+            stop_server(proc)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+GOOD = "# office\n203.0.113.10\n2001:db8:1::10/128\n\n198.51.100.7  # branch\n"
+
+
+@needs_root
+def test_good_list_is_kept(served: Served) -> None:
+    got = served.refresh("good")
+    assert got == {**got, "warning": None, "kept": GOOD}
+    meta = json.loads((served.state / "lists" / "cdn.json").read_text())
+    assert meta["url"] == f"{served.base}/list" and meta["sha256"] and meta["fetched"] > 0
+    # a redirect to it is followed
+    assert served.refresh("hop")["warning"] is None
+
+
+@needs_root
+@pytest.mark.parametrize(("mode", "words", "limits"), [
+    ("html", "an HTML page (text/html)", {}),
+    ("html-as-text", "looks like HTML", {}),
+    ("bad", ":2: not an IP address or CIDR", {}),
+    ("empty", "holds no addresses", {}),
+    ("big", "more than the 100,000 bytes", {"max_bytes": 100_000}),
+    ("huge", "1,073,741,824 bytes", {}),
+    ("loop", "HTTP 302", {}),
+    ("to-ftp", "redirect to a ftp URL refused", {}),
+    ("slow", "too slowly", {"total": 2, "timeout": 2}),
+])
+def test_hostile_answer_is_refused_and_the_last_good_copy_stays(
+        served: Served, mode: str, words: str, limits: dict[str, float]) -> None:
+    assert served.refresh("good")["warning"] is None
+    got = served.refresh(mode, **limits)
+    assert got["warning"] is not None and words in got["warning"], got
+    assert got["warning"].startswith(f"list 'cdn' from {served.base}/list: ")
+    assert "stays in force" in got["warning"] and got["kept"] == GOOD
+    assert got["seconds"] < 15  # a trickle or a loop ends by itself
+    if mode == "bad":
+        assert "198.51.100.0/33" in got["warning"]
+
+
+# --- a downloaded list and a deny list, enforced with real packets ----------------------------
+
+POLICY = """\
+version: 1
+lists:
+  office: {url: "http://198.51.100.7:8000/list", refresh: 1h}
+  stranger: [203.0.113.100, "2001:db8:9::10"]
+containers:
+  allow:
+    - {container: web, port: 8080, from: office}
+    - {container: pub, port: 8080, from: any, except: [stranger]}
+"""
+PROBES = {
+    "office_list": (CLIENT_V4, HOST_EXT0_V4, 8081),
+    "stranger_list": (CLIENT_V4_ALT, HOST_EXT0_V4, 8081),
+    "office_list_v6": (CLIENT_V6, HOST_EXT0_V6, 8081),
+    "stranger_list_v6": (CLIENT_V6_ALT, HOST_EXT0_V6_ALT, 8081),
+    "office_except": (CLIENT_V4, HOST_EXT0_V4, 8083),
+    "stranger_except": (CLIENT_V4_ALT, HOST_EXT0_V4, 8083),
+    "stranger_except_v6": (CLIENT_V6_ALT, HOST_EXT0_V6_ALT, 8083),
+}
+WANT = {"office_list": True, "stranger_list": False, "office_list_v6": True,
+        "stranger_list_v6": False, "office_except": True, "stranger_except": False,
+        "stranger_except_v6": False}
+
+
+class Site:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.state = lab.base / "state"
+        self.policy = lab.base / "sources.yaml"
+        self.policy.write_text(POLICY)
+        self.server: subprocess.Popen[str] | None = None
+
+    def dockfence(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.lab.host_exec(sys.executable, "-m", "dockfence", *args, check=False,
+                                  env={"PYTHONPATH": str(REPO), "SSH_CONNECTION": "",
+                                       "COLUMNS": "200", "DOCKFENCE_STATE_DIR": str(self.state)},
+                                  timeout=180)
+
+    def probe(self, names: list[str], want: dict[str, bool] | None = None) -> dict[str, bool]:
+        specs = [(self.lab.client_ns, *PROBES[n]) for n in names]
+        got = self.lab.probe_many(specs, expect=[want[n] for n in names] if want else None)
+        return dict(zip(names, got, strict=True))
+
+    def serve(self, mode: str) -> None:
+        if self.server is None:
+            self.server = start_server(self.lab.client2_ns, CLIENT2_V4)
+        self.lab.host_exec(sys.executable, "-c", "import urllib.request; urllib.request."
+                           f"urlopen('http://{CLIENT2_V4}:{PORT}/set/{mode}', timeout=5)")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            stop_server(self.server)
+            self.server = None
+
+    def age_copy(self) -> None:
+        """The saved copy of `office` is older than its refresh (as after a day)."""
+        meta = self.state / "lists" / "office.json"
+        doc = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**doc, "fetched": 0, "tried": 0}))
+
+    def table(self) -> str:
+        return str(self.lab.host_exec("nft", "-s", "list", "table", "inet", "dockfence",
+                                      check=False).stdout)
+
+
+@pytest.fixture(scope="module")
+def site(lab: Lab) -> Iterator[Site]:
+    lab.run_container("web", ["8081:8080"], lab.tcp_server_cmd(8080), restart="always")
+    lab.run_container("pub", ["8083:8080"], lab.tcp_server_cmd(8080), restart="always")
+    s = Site(lab)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_downloaded_list_and_deny_list_with_real_packets(site: Site) -> None:
+    names = list(PROBES)
+    # baseline: without dockfence every probe gets in (poll while the servers start)
+    deadline = time.monotonic() + 60
+    while not all((base := site.probe(names, dict.fromkeys(names, True))).values()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert all(base.values()), base
+
+    # check and plan never download: no copy yet, they say so
+    for cmd in ("check", "plan"):
+        proc = site.dockfence(cmd, "--policy", str(site.policy))
+        assert proc.returncode == 1 and "no good copy has been downloaded yet" in proc.stderr
+    # apply with the server down and no copy: fails, nothing applied
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "http://198.51.100.7:8000/list" in proc.stderr and "no good copy" in proc.stderr
+    assert site.table() == ""
+
+    site.serve("good")
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert site.probe(names, WANT) == WANT
+    status = site.dockfence("status")
+    assert "office (url http://198.51.100.7:8000/list)" in status.stdout, status.stdout
+    assert "any except stranger" in status.stdout, status.stdout
+    explained = site.dockfence("explain", CLIENT_V4_ALT, "8083", "--policy", str(site.policy))
+    assert "refused by an except: any except stranger" in explained.stdout, explained.stdout
+    applied = site.table()
+
+    # nothing due: a no-op that downloads nothing (the server answers another list now)
+    site.serve("other")
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 0 and "No changes" in proc.stdout, proc.stdout + proc.stderr
+    # a stale copy and a garbled answer: refused with a warning, the last good copy stays
+    site.serve("html")
+    site.age_copy()
+    proc = site.dockfence("plan", "--policy", str(site.policy))  # plan does not download
+    assert proc.returncode == 0 and "HTML" not in proc.stderr
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "list 'office' from http://198.51.100.7:8000/list: the answer is an HTML page" \
+        in proc.stderr and "stays in force" in proc.stderr
+    # the server is down: the last good copy stays, enforcement goes on unchanged
+    site.stop()
+    site.age_copy()
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 0 and "cannot download" in proc.stderr, proc.stdout + proc.stderr
+    assert site.table() == applied
+    assert site.probe(names, WANT) == WANT
+
+    # the list changes upstream: the next due apply lets the new address in, the old one out
+    site.serve("other")  # 198.51.100.50 only
+    site.age_copy()
+    proc = site.dockfence("apply", "--policy", str(site.policy))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    now = {"office_list": False, "office_except": True, "stranger_except": False}
+    assert site.probe(list(now), now) == now
