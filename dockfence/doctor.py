@@ -20,7 +20,7 @@ from . import discovery, engine, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError
-from .model import Binding, Container, Inventory, Ruleset, find_gate
+from .model import Binding, Container, Inventory, Ruleset, covered_by_patterns, find_gate
 from .run import run
 
 Level = Literal["ok", "warning", "failure"]
@@ -550,7 +550,8 @@ def gather(policy_path: str) -> Facts:
     if inv is not None:
         f.published, f.uncovered = uncovered_ports(inv, live)
         if live is not None:
-            f.unknown_bridges = tuple(sorted(set(inv.bridges) - set(live.docker_bridges)))
+            f.unknown_bridges = tuple(sorted(b for b in set(inv.bridges) - set(live.docker_bridges)
+                                             if not covered_by_patterns(b)))
     if f.table_present:
         try:
             pol = policy.load(policy_path)

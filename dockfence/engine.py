@@ -183,7 +183,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         if exists and live is None:
             doc = nft.live_json()
             live = nft.parse_live(doc) if doc is not None else None
-        table = nft.render(desired, st)
+        # a rebuild loads the same decisions: the counters keep what they counted
+        table = nft.render(desired, st, counts=(nft.live_counters() or {}) if rebuild else None)
         # rebuild: the same decisions, but load the table as render() writes it (watch's element
         # updates leave new ports without chains of their own)
         unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (

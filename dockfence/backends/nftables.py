@@ -154,6 +154,13 @@ class _Renderer:
     sets: dict[Sources, list[tuple[str, str]]]
     elements: bool = True  # False: the structure only (sets without their addresses)
     deny: dict[Sources, list[tuple[str, str]]] = field(default_factory=dict)  # `except` sets
+    counts: dict[str, int] = field(default_factory=dict)  # packets each counter starts from
+
+    def counter(self, name: str) -> list[str]:
+        """A named counter, starting from what `counts` carries over (a rebuild keeps them)."""
+        packets = self.counts.get(name)
+        return [f"\tcounter {name} {{", *([f"\t\tpackets {packets} bytes 0"]
+                                          if packets else []), "\t}"]
 
     def shared_chains(self, chains: list[tuple[Sources, str]]) -> None:
         """Every allow-list the policy names gets its sets and a shared chain from the start,
@@ -163,8 +170,7 @@ class _Renderer:
                 self.sets.setdefault(sources, [])
             tests = [""] if sources.any else [
                 f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, name)]
-            self.lines += [f"\tcounter {name}_allowed {{", "\t}",
-                           f"\tcounter {name}_refused {{", "\t}",
+            self.lines += [*self.counter(f"{name}_allowed"), *self.counter(f"{name}_refused"),
                            f"\tchain {name} {{", *_banned(f"{name}_refused"),
                            *self.refusals(f"{name}_refused", sources),
                            *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
@@ -224,8 +230,7 @@ class _Renderer:
         tests = [""] if sources.any else [] if sources.nobody else [
             f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
         denied = self.refusals(f"{name}_refused", sources) if tests else []
-        self.lines += [f"\tcounter {name}_allowed {{", "\t}",
-                       f"\tcounter {name}_refused {{", "\t}",
+        self.lines += [*self.counter(f"{name}_allowed"), *self.counter(f"{name}_refused"),
                        f"\tchain {name} {{",
                        *(_banned(f"{name}_refused") if tests else []),
                        *denied,
@@ -298,16 +303,17 @@ def _loopback_guard() -> list[str]:
     ]
 
 
-def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True) -> str:
+def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
+           counts: dict[str, int] | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it.
     Without `elements`, the allow-list sets are declared empty: the structure, cheap at any
-    size (see same_structure)."""
-    r = _Renderer(lines=[], sets={}, elements=elements)
+    size (see same_structure). `counts`: packets the named counters start from (a rebuild of
+    the same rules keeps what they counted)."""
+    r = _Renderer(lines=[], sets={}, elements=elements, counts=counts or {})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp), *_ban_sets(),
-                *(f"\tcounter {c} {{\n\t}}" for c in (COUNTER_UNKNOWN, COUNTER_DIRECT,
-                                                      COUNTER_HOST, COUNTER_REVOKED,
-                                                      COUNTER_BANNED)),
+                *(line for c in (COUNTER_UNKNOWN, COUNTER_DIRECT, COUNTER_HOST, COUNTER_REVOKED,
+                                 COUNTER_BANNED) for line in r.counter(c)),
                 f"\tlimit {LOG_LIMIT} {{", f"\t\trate {LOG_RATE}", "\t}"]
     r.shared_chains(allow_chains(rs))
     for proto in PROTOS:
