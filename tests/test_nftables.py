@@ -155,3 +155,15 @@ def test_stamp_is_read_back_and_replaced_in_one_transaction() -> None:
          second.text(), nft.stamp_update(second)],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert proc.stdout.splitlines() == [first.text(), second.text(), "True"]
+
+
+@needs_root
+def test_a_rebuild_starts_the_counters_where_they_were() -> None:
+    """watch's rebuild (same rules, each port its own chain) keeps what the counters counted:
+    the kernel takes the start values, and the listing gives them back."""
+    table = nft.render(ruleset("scenario"), counts={"tcp_ports_8081_refused": 42})
+    script = "nft -f - && nft -j list counter inet dockfence tcp_ports_8081_refused"
+    proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], input=table,
+                          capture_output=True, text=True, check=True)
+    (counter,) = [o["counter"] for o in json.loads(proc.stdout)["nftables"] if "counter" in o]
+    assert counter["packets"] == 42
