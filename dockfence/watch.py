@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import discovery, engine, state
+from . import discovery, engine, listurls, state
 from .backends import netlink
 from .backends import nftables as nft
 from .compile import compile_policy
@@ -44,6 +44,7 @@ GONE = "table inet dockfence disappeared"
 # Ports an element update added jump to their allow-list's shared chain, which has no
 # per-port counters; once events have been quiet this long, a full apply gives each its own.
 REBUILD_AFTER = 3.0
+LISTS_EVERY = 30.0  # seconds between looks at whether a downloaded list is due
 JOURNAL_LIMIT = 4 << 20  # bytes of journal before the record is rewritten as one table
 
 
@@ -124,6 +125,7 @@ class Watcher:
         self.record = state.Record()
         self.received = time.monotonic()
         self.rebuild_at: float | None = None  # see REBUILD_AFTER
+        self.lists_checked = time.monotonic()  # see LISTS_EVERY
         self.revocations: queue.Queue[tuple[str, Ruleset, Ruleset, Inventory]] = queue.Queue()
 
     def _mtime(self) -> int | None:
@@ -188,6 +190,11 @@ class Watcher:
         if mtime != self.mtime:
             self.mtime = mtime
             self.pending = self.pending or "policy file changed"
+        now = time.monotonic()
+        if now >= self.lists_checked + LISTS_EVERY and self.guard is not None:
+            self.lists_checked = now
+            if not self.pending and listurls.refresh_due(self.path):
+                self.pending = "downloaded lists are due for a refresh"  # apply fetches them
         if self.guard is None or self.pending.startswith(GONE):
             return
         try:
