@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import OperationalError
@@ -163,21 +164,30 @@ def commit(table: str, ops: list[Op]) -> None:
     seq0 = int.from_bytes(os.urandom(3), "big")
     data, pending = batch(table, ops, seq0)
     waiting = set(pending)
+    for kind, seq, reply, pos, _ in _replies(data):
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, pos + 16)
+            if error != 0:
+                raise OperationalError(
+                    f"the kernel refused the element update: {os.strerror(-error)}")
+            waiting.discard(seq)
+            if not waiting:
+                return
+
+
+def _replies(data: bytes) -> Iterator[tuple[int, int, bytes, int, int]]:
+    """Send `data` on a fresh nf_tables netlink socket; yield (type, seq, buffer, offset,
+    length) of every message the kernel answers, until the caller stops reading."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.settimeout(10)
         sock.bind((0, 0))
         sock.send(data)
-        while waiting:
+        while True:
             reply = sock.recv(1 << 16)
             pos = 0
             while pos + 16 <= len(reply):
                 length, kind, _, seq, _ = struct.unpack_from("=IHHII", reply, pos)
-                if kind == NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", reply, pos + 16)
-                    if error != 0:
-                        raise OperationalError(
-                            f"the kernel refused the element update: {os.strerror(-error)}")
-                    waiting.discard(seq)
+                yield kind, seq, reply, pos, length
                 pos += (length + 3) & ~3 if length else len(reply)
 
 
@@ -193,27 +203,19 @@ def table_handle(table: str) -> int | None:
     msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK,
                    seq, _str(TABLE_NAME, table))
     handle: int | None = None
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(10)
-        sock.bind((0, 0))
-        sock.send(msg)
-        while True:
-            reply = sock.recv(1 << 16)
-            pos = 0
-            while pos + 16 <= len(reply):
-                length, kind, _, _, _ = struct.unpack_from("=IHHII", reply, pos)
-                if kind == NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", reply, pos + 16)
-                    if error == 0:
-                        return handle
-                    if -error == errno.ENOENT:
-                        return None
-                    raise OperationalError(f"cannot read table {table}: {os.strerror(-error)}")
-                if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
-                    at = pos + 20  # nlmsghdr + nfgenmsg
-                    while at + 4 <= pos + length:
-                        alen, atype = struct.unpack_from("=HH", reply, at)
-                        if atype & 0x3FFF == TABLE_HANDLE:
-                            (handle,) = struct.unpack_from("!Q", reply, at + 4)
-                        at += (alen + 3) & ~3 if alen else length
-                pos += (length + 3) & ~3 if length else len(reply)
+    for kind, _, reply, pos, length in _replies(msg):
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, pos + 16)
+            if error == 0:
+                return handle
+            if -error == errno.ENOENT:
+                return None
+            raise OperationalError(f"cannot read table {table}: {os.strerror(-error)}")
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+            at = pos + 20  # nlmsghdr + nfgenmsg
+            while at + 4 <= pos + length:
+                alen, atype = struct.unpack_from("=HH", reply, at)
+                if atype & 0x3FFF == TABLE_HANDLE:
+                    (handle,) = struct.unpack_from("!Q", reply, at + 4)
+                at += (alen + 3) & ~3 if alen else length
+    return handle
