@@ -96,6 +96,16 @@ def live_rules() -> Ruleset | None:
     return None if doc is None else nft.parse_live(doc)
 
 
+def trusted_live() -> Ruleset | None:
+    """What dockfence enforces now: the record of the last apply while the table carries the
+    stamp it was recorded with (one small set read, whatever the lists hold), else the whole
+    table read back. Like apply, this trusts the stamp; `plan` and `doctor` read everything."""
+    exists, live_st = nft.read_stamp()
+    if not exists:
+        return None
+    return (record.ruleset(live_st) if live_st else None) or live_rules()
+
+
 def enforced(pol: policy.Policy, inv: Inventory) -> tuple[bool, bool]:
     """(dockfence is applied, the live table was made from this policy and inventory), told by
     the table's stamp without reading the table."""
@@ -567,7 +577,7 @@ def status(networks: bool = True) -> Status:
     """What the kernel enforces now, for every published port Docker reports; with every
     allowed network written out (PortStatus.sources) only if `networks`."""
     inv = discovery.inventory()
-    live = live_rules()
+    live = trusted_live()
     counts = (nft.live_counters() or {}) if live else {}
     memo: dict[tuple[int, ...], list[str]] | None = {} if networks else None
     ports = [_port_status(c, b, live, inv, counts, memo) for c in inv.containers
