@@ -213,7 +213,8 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool
 def watch(policy_path: str, metrics_at: str | None) -> None:
     """Keep the rules in step with Docker: a full apply now, then element updates on every
     container or network event, and a full apply on every policy edit or when the table was
-    deleted; print every refused attempt (floods summarised). Tells systemd when ready
+    deleted; downloaded lists are fetched when due (SIGHUP: now), and what they change is an
+    element update; print every refused attempt (floods summarised). Tells systemd when ready
     (Type=notify). Stop with Ctrl-C or SIGTERM: the rules stay."""
     from . import policy
     from . import watch as live_guard
@@ -236,13 +237,14 @@ def watch(policy_path: str, metrics_at: str | None) -> None:
         with lock:
             out.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False)
 
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # `systemctl reload`
     listener = threading.Thread(target=_report_refusals, args=(report, stop), daemon=True)
     listener.start()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            live_guard.run(policy_path, report, stop, metrics=metrics)
+            live_guard.run(policy_path, report, stop, metrics=metrics, reload=reload)
     finally:
         stop.set()
         listener.join(timeout=5)

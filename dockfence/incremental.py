@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import addresses
 from .backends import netlink as nl
 from .backends.nftables import (
     ALLOW_ANY,
@@ -21,6 +22,7 @@ from .backends.nftables import (
     FAMILY,
     STAMP_SET,
     TABLE,
+    address_sets,
     chain_order,
     comment,
     gate_name,
@@ -145,6 +147,22 @@ class _Builder:
             self._snapshot("set", BRIDGE_SET, [f'"{n}"' for n in new])
         return True
 
+    def set_diff(self, name: str, version: int, old: tuple[int, ...],
+                 new: tuple[int, ...]) -> None:
+        """Queue the changes of one address set: each block is an interval element of its own
+        (render() writes collapsed blocks and nft keeps them apart)."""
+        width = addresses.BITS[version] // 8
+        for blocks, add in ((sorted(set(old).difference(new)), False),
+                            (sorted(set(new).difference(old)), True)):
+            elements: list[nl.Element] = []
+            for b in blocks:
+                first, last = addresses.span(version, b)
+                elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"))
+            for i in range(0, len(elements), nl.ELEMENTS_PER_MESSAGE):
+                (self.adds if add else self.deletes).append(
+                    nl.Op(add, name, tuple(elements[i:i + nl.ELEMENTS_PER_MESSAGE])))
+        self._snapshot("set", name, addresses.show_all(version, new))
+
     def update(self, stamp: Stamp | None) -> ElementUpdate:
         ops = self.deletes + self.adds
         if ops and stamp is not None:
@@ -199,4 +217,23 @@ def element_update(old: Ruleset, new: Ruleset, chains: Chains,
             return None
     except ValueError:
         return None  # e.g. a range up to port 65535: not expressible element by element
+    return b.update(stamp)
+
+
+def list_update(old: Ruleset, new: Ruleset, stamp: Stamp | None = None) -> ElementUpdate | None:
+    """The element changes that give the address sets of the table rendered from `old` what
+    `new` holds, when lists changed their contents and nothing else (a downloaded list was
+    refreshed); None when the table's structure changes too (a list gains its first IPv6
+    entry, two lists become equal)."""
+    shape, before = address_sets(old)
+    new_shape, after = address_sets(new)
+    if shape != new_shape or before.keys() != after.keys():
+        return None
+    b = _Builder([], {})
+    try:
+        for name, (version, blocks) in sorted(after.items()):
+            if before[name][1] != blocks:
+                b.set_diff(name, version, before[name][1], blocks)
+    except ValueError:
+        return None  # a block reaching the last address: not expressible element by element
     return b.update(stamp)

@@ -23,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import discovery, engine, listurls, state
+from . import discovery, engine, listfiles, listurls, state
 from .backends import netlink
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError
-from .incremental import Chains, element_update
+from .incremental import Chains, ElementUpdate, element_update, list_update
 from .model import Container, Inventory, Ruleset
-from .policy import Policy
+from .policy import Policy, load
 from .stamp import Stamp, inventory_digest
 
 if TYPE_CHECKING:
@@ -111,8 +111,10 @@ def _pump(out: queue.Queue[Item], stop: threading.Event) -> None:
 
 class Watcher:
     def __init__(self, policy_path: str, report: Callable[[str], None],
-                 stop: threading.Event, metrics: Metrics | None = None) -> None:
+                 stop: threading.Event, metrics: Metrics | None = None,
+                 reload: threading.Event | None = None) -> None:
         self.path = policy_path
+        self.reload = reload or threading.Event()  # set: download every list now (SIGHUP)
         self.metrics = metrics
         self.report = report
         self.stop = stop
@@ -126,6 +128,7 @@ class Watcher:
         self.received = time.monotonic()
         self.rebuild_at: float | None = None  # see REBUILD_AFTER
         self.lists_checked = time.monotonic()  # see LISTS_EVERY
+        self.lists_due = False
         self.revocations: queue.Queue[tuple[str, Ruleset, Ruleset, Inventory]] = queue.Queue()
 
     def _mtime(self) -> int | None:
@@ -166,6 +169,8 @@ class Watcher:
                 self._full(self.pending)
             elif changed:
                 self._incremental(changed)
+            elif self.lists_due or self.reload.is_set():
+                self._refresh_lists()
             elif self.rebuild_at is not None and time.monotonic() >= self.rebuild_at:
                 self._full("ports added since the last full apply get their own counters",
                            rebuild=True)
@@ -193,8 +198,7 @@ class Watcher:
         now = time.monotonic()
         if now >= self.lists_checked + LISTS_EVERY and self.guard is not None:
             self.lists_checked = now
-            if not self.pending and listurls.refresh_due(self.path):
-                self.pending = "downloaded lists are due for a refresh"  # apply fetches them
+            self.lists_due = listurls.refresh_due(self.path)
         if self.guard is None or self.pending.startswith(GONE):
             return
         try:
@@ -280,15 +284,17 @@ class Watcher:
             self.report(f"warning: {w}")
         self._ready()
 
-    def _applied(self, started: float, ok: bool, new_table: bool = True) -> None:
-        """Tell the metrics (if any) how an apply or an element update went."""
+    def _applied(self, started: float, ok: bool, new_table: bool = True,
+                 event: bool = True) -> None:
+        """Tell the metrics (if any) how an apply or an element update went (`event`: one
+        that Docker's events asked for)."""
         if self.metrics is None:
             return
         g = self.guard
         stamp = g.stamp.text() if ok and g is not None and g.stamp is not None else None
         self.metrics.applied(time.monotonic() - started, ok, g.ruleset if ok and g else None,
                              stamp, new_table)
-        if ok:
+        if ok and event:
             self.metrics.event_enforced(time.monotonic() - self.received)
 
     def _ready(self) -> None:
@@ -337,26 +343,10 @@ class Watcher:
             return
         done = time.monotonic()
         if update:
-            try:
-                with engine.host_lock(LOCK_WAIT):
-                    if netlink.table_handle(nft.TABLE) != g.handle:
-                        raise OperationalError("the table changed under watch")
-                    # recorded first (the next boot loads it), made durable right after
-                    undo = self.record.append(update.text, durable=False)
-                    try:
-                        netlink.commit(nft.TABLE, update.ops)
-                    except BaseException:
-                        undo()
-                        raise
-                    done = time.monotonic()
-                    self.record.sync()
-                    if self.record.journal_size() > JOURNAL_LIMIT:
-                        # compaction: the table as it now is (equal to a full render of it)
-                        self.record.save_table(nft.render(rs, stamp))
-            except (DockfenceError, OSError) as exc:
-                self.report(f"{what}: {exc}; full resync")
-                self.pending = "resync after a failed update"
+            committed = self._commit(what, update, rs, stamp)
+            if committed is None:
                 return
+            done = committed
         old = g.ruleset
         g.containers, g.bridges, g.routed, g.ruleset = containers, bridges, routed, rs
         g.stamp = stamp
@@ -375,6 +365,72 @@ class Watcher:
             # so it runs beside the loop, never between an event and the next update
             self.revocations.put((what, old, rs, inv))
 
+    def _commit(self, what: str, update: ElementUpdate, rs: Ruleset,
+                stamp: Stamp | None) -> float | None:
+        """Send an element update to the table watch last wrote, recorded first (the next boot
+        loads it) and made durable right after. When it was sent; None when it failed (a full
+        resync is then due)."""
+        assert self.guard is not None
+        try:
+            with engine.host_lock(LOCK_WAIT):
+                if netlink.table_handle(nft.TABLE) != self.guard.handle:
+                    raise OperationalError("the table changed under watch")
+                undo = self.record.append(update.text, durable=False)
+                try:
+                    netlink.commit(nft.TABLE, update.ops)
+                except BaseException:
+                    undo()
+                    raise
+                done = time.monotonic()
+                self.record.sync()
+                if self.record.journal_size() > JOURNAL_LIMIT:
+                    # compaction: the table as it now is (equal to a full render of it)
+                    self.record.save_table(nft.render(rs, stamp))
+                return done
+        except (DockfenceError, OSError) as exc:
+            self.report(f"{what}: {exc}; full resync")
+            self.pending = "resync after a failed update"
+            return None
+
+    def _refresh_lists(self) -> None:
+        """Downloaded lists that are due: fetched, and when a list changed, only the elements
+        of its sets change, in one transaction (a full apply when the table's structure must
+        change too). A failed download keeps the last good copy, and so the rules."""
+        g = self.guard
+        assert g is not None
+        self.lists_due, force = False, self.reload.is_set()
+        self.reload.clear()
+        started = time.monotonic()
+        what = "downloaded lists refreshed"
+        for warning in listurls.refresh_lists(self.path, force=force):
+            self.report(f"warning: {warning}")
+        if g.stamp is not None and listfiles.inputs_digest(self.path) == g.stamp.policy:
+            return  # the same copies as before
+        try:
+            pol = load(self.path)
+            inv = g.inventory()
+            rs = compile_policy(pol, inv)
+        except DockfenceError as exc:  # the policy file broke meanwhile: its edit is reported
+            self.report(f"{what}: {exc}; the current rules stay")
+            return
+        stamp = replace(g.stamp, policy=pol.digest) if g.stamp else None
+        update = list_update(g.ruleset, rs, stamp)
+        if update is None:
+            self.pending = f"{what}: the table's structure changes"
+            return
+        if update and self._commit(what, update, rs, stamp) is None:
+            return
+        old = g.ruleset
+        g.rendered = rs if g.rendered is old else None
+        g.policy, g.ruleset, g.chains, g.stamp = pol, rs, nft.allow_chains(rs), stamp
+        if not update:
+            return
+        self._applied(started, True, new_table=False, event=False)
+        sets = sorted({op.set for op in update.ops} - {nft.STAMP_SET})
+        self.report(f"{what}: updated the elements of {', '.join(sets)} in "
+                    f"{(time.monotonic() - started) * 1000:.0f} ms")
+        self.revocations.put((what, old, rs, inv))  # flows from addresses a list dropped
+
     def _revoke(self) -> None:
         while True:
             what, old, new, inv = self.revocations.get()
@@ -388,9 +444,10 @@ class Watcher:
 
 
 def run(policy_path: str, report: Callable[[str], None], stop: threading.Event,
-        metrics: Metrics | None = None) -> None:
-    """Watch until `stop` is set; the rules stay in place afterwards."""
+        metrics: Metrics | None = None, reload: threading.Event | None = None) -> None:
+    """Watch until `stop` is set; the rules stay in place afterwards. Setting `reload`
+    downloads every list the policy names now, whatever the age of its copy."""
     try:
-        Watcher(policy_path, report, stop, metrics).run()
+        Watcher(policy_path, report, stop, metrics, reload).run()
     finally:
         notify("STOPPING=1")

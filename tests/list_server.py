@@ -54,6 +54,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send(b"# nothing today\n")
         elif path == "/other":
             self.send(b"198.51.100.50\n")
+        elif path == "/swapped":  # the strangers' addresses instead of the office's
+            self.send(b"203.0.113.100\n2001:db8:9::10\n")
         elif path.startswith("/loop"):
             self.send_response(302)
             self.send_header("Location", "/loop")

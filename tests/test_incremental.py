@@ -20,7 +20,7 @@ from dockfence import policy
 from dockfence.backends import netlink as nl
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
-from dockfence.incremental import element_update, verdict_of
+from dockfence.incremental import element_update, list_update, verdict_of
 from dockfence.model import Binding, Container, Inventory, Sources
 from dockfence.stamp import Stamp, digest
 
@@ -128,3 +128,68 @@ def test_kernel_ends_with_the_new_tables_decisions(mode: str) -> None:
     got = json.loads(proc.stdout)
     assert nft.same_table(nft.parse_live({"nftables": got}), new)
     assert nft.stamp_in({"nftables": got}) == stamp_new
+
+
+def _office(entries: str) -> policy.Policy:
+    return policy.parse(POLICY.replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
+                                       f"office: [{entries}]"), "/etc/dockfence/policy.yaml")
+
+
+# every other /48, so that nothing collapses
+BIG_OLD = ", ".join(f'"2001:db8:{2 * i:x}::/48"' for i in range(3000)) + ", 203.0.113.0/28"
+BIG_NEW = ", ".join(f'"2001:db8:{2 * i:x}::/48"' for i in range(1500, 4500)) + \
+    ", 203.0.113.16/28"
+
+
+def test_a_refreshed_list_changes_only_its_sets() -> None:
+    old = compile_policy(PARSED, scenario())
+    new = compile_policy(_office('203.0.113.0/29, 198.51.100.64/26, "2001:db8:2::/64"'),
+                         scenario())
+    up = list_update(old, new, Stamp(digest(b"p2"), digest(b"i")))
+    assert up is not None
+    touched = {op.set for op in up.ops}
+    # office's own sets, the union with 198.51.100.7 (django), the stamp; nothing else
+    assert touched == {"allow_0_v4", "allow_0_v6", "allow_1_v4", "allow_1_v6", "stamp"}, touched
+    assert "flush set inet dockfence allow_0_v4\n" in up.text
+    assert "203.0.113.0/29, 198.51.100.64/26" not in up.text  # sorted, as render() writes them
+    assert "198.51.100.64/26, 203.0.113.0/29" in up.text
+    assert list_update(old, old).ops == []  # type: ignore[union-attr]
+    # a list that loses its last IPv6 entry loses a set: the table's structure changes
+    assert list_update(old, compile_policy(_office("203.0.113.0/29"), scenario())) is None
+    # so does one that becomes equal to another list's union
+    assert list_update(old, compile_policy(_office("198.51.100.7"), scenario())) is None
+
+
+LIST_SCRIPT = """
+import sys, pickle
+from dockfence.backends import netlink, nftables as nft
+old, mode, text, ops = pickle.load(sys.stdin.buffer)
+nft.apply_text(nft.transaction(old))
+if mode == "netlink":
+    netlink.commit(nft.TABLE, ops)
+else:
+    nft.apply_text(nft.transaction(old + text))
+print(nft.canonical(nft.live_json()))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["netlink", "nft"])
+def test_kernel_holds_the_refreshed_lists(mode: str) -> None:
+    """3,000 networks replaced by 3,000 others (half shared): more elements than one netlink
+    message holds and a batch larger than the default send buffer."""
+    import pickle
+
+    old = compile_policy(_office(BIG_OLD), scenario())
+    new = compile_policy(_office(BIG_NEW), scenario())
+    stamp = Stamp(digest(b"p2"), digest(b"i"))
+    up = list_update(old, new, stamp)
+    assert up is not None and len(nl.batch(nft.TABLE, up.ops)[0]) > 256 << 10
+    args = (nft.render(old, Stamp(digest(b"p1"), digest(b"i"))), mode, up.text, up.ops)
+    proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", LIST_SCRIPT],
+                          input=pickle.dumps(args), capture_output=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = json.loads(proc.stdout)
+    assert nft.same_table(nft.parse_live({"nftables": got}), new)
+    assert not nft.same_table(nft.parse_live({"nftables": got}), old)
+    assert nft.stamp_in({"nftables": got}) == stamp

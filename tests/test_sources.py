@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from dockfence.lab import (
     HOST_EXT0_V4,
     HOST_EXT0_V6,
     HOST_EXT0_V6_ALT,
+    NETNS_DIR,
     Lab,
 )
 
@@ -277,3 +279,77 @@ def test_downloaded_list_and_deny_list_with_real_packets(site: Site) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     now = {"office_list": False, "office_except": True, "stranger_except": False}
     assert site.probe(list(now), now) == now
+
+
+def _handle(site: Site) -> int:
+    listed = site.lab.host_exec("nft", "-j", "list", "tables", "inet").stdout
+    return next(o["table"]["handle"] for o in json.loads(listed)["nftables"]
+                if o.get("table", {}).get("name") == "dockfence")
+
+
+def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> None:
+    """A list that changes upstream changes the elements of its sets under watch (the table is
+    not replaced); a garbled answer changes nothing; a change of the table's structure (the
+    list loses its IPv6 entries) falls back to a full apply. SIGHUP downloads at once."""
+    names = list(PROBES)
+    site.dockfence("remove")
+    deadline = time.monotonic() + 60  # baseline: without dockfence every probe gets in
+    while not all((base := site.probe(names, dict.fromkeys(names, True))).values()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert all(base.values()), base
+    site.serve("good")
+    if (site.state / "lists" / "office.json").exists():
+        site.age_copy()
+    assert site.dockfence("apply", "--policy", str(site.policy)).returncode == 0
+
+    log = site.lab.base / f"watch-sources-{time.monotonic_ns()}.log"
+    env = {**os.environ, "DOCKER_HOST": site.lab.docker_host, "PYTHONPATH": str(REPO),
+           "DOCKFENCE_STATE_DIR": str(site.state), "SSH_CONNECTION": ""}
+    proc = subprocess.Popen(["nsenter", f"--net={NETNS_DIR / site.lab.host_ns}", sys.executable,
+                             "-m", "dockfence", "watch", "--policy", str(site.policy)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+    def wait_log(text: str, after: int = 0) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if text in log.read_text()[after:]:
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        assert wait_log("start:"), log.read_text()
+        # watch started on a table it did not write: it rewrites it once, after a quiet spell
+        assert wait_log("get their own counters:"), log.read_text()
+        assert site.probe(names, WANT) == WANT
+        handle = _handle(site)
+
+        site.serve("swapped")
+        seen = len(log.read_text())
+        proc.send_signal(signal.SIGHUP)
+        assert wait_log("downloaded lists refreshed: updated the elements of", seen), \
+            log.read_text()
+        swapped = {**WANT, "office_list": False, "stranger_list": True,
+                   "office_list_v6": False, "stranger_list_v6": True}
+        assert site.probe(names, swapped) == swapped
+        # elements changed, the table was not replaced
+        assert _handle(site) == handle, log.read_text()
+        plan = json.loads(site.dockfence("plan", "--json", "--policy", str(site.policy)).stdout)
+        assert plan["unchanged"] is True, plan["changes"]  # what a fresh apply would write
+
+        site.serve("html")
+        seen = len(log.read_text())
+        proc.send_signal(signal.SIGHUP)
+        assert wait_log("the answer is an HTML page", seen), log.read_text()
+        assert site.probe(names, swapped) == swapped and _handle(site) == handle
+
+        site.serve("other")  # IPv4 only: office's IPv6 set goes, so the structure changes
+        seen = len(log.read_text())
+        proc.send_signal(signal.SIGHUP)
+        assert wait_log("the table's structure changes: applied", seen), log.read_text()
+        now = {"office_list": False, "stranger_list": False, "office_list_v6": False}
+        assert site.probe(list(now), now) == now
+    finally:
+        proc.send_signal(signal.SIGTERM)  # by the pid we started
+        proc.wait(30)

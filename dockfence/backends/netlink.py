@@ -40,6 +40,10 @@ INTERVAL_END = 1
 UDATA_COMMENT = 0
 _VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4}
 IFNAMSIZ = 16
+SO_SNDBUFFORCE = 32  # root may raise its socket's send buffer past net.core.wmem_max
+# An element list is one attribute, whose length field has 16 bits: big updates are cut into
+# messages of this many elements (an IPv6 interval element takes 36 bytes).
+ELEMENTS_PER_MESSAGE = 1024
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ def _replies(data: bytes) -> Iterator[tuple[int, int, bytes, int, int]]:
     length) of every message the kernel answers, until the caller stops reading."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.settimeout(10)
+        if len(data) > 1 << 16:  # the kernel refuses a batch larger than the send buffer
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
         sock.bind((0, 0))
         sock.send(data)
         while True:

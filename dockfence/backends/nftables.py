@@ -309,6 +309,24 @@ def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
     Without `elements`, the allow-list sets are declared empty: the structure, cheap at any
     size (see same_structure). `counts`: packets the named counters start from (a rebuild of
     the same rules keeps what they counted)."""
+    return "\n".join(_render(rs, stamp, elements, counts).lines) + "\n"
+
+
+def address_sets(rs: Ruleset) -> tuple[str, dict[str, tuple[int, tuple[int, ...]]]]:
+    """The table's structure (render() without elements) and, by set name, the IP version and
+    blocks of every address set: what a refreshed list changes when nothing else does."""
+    r = _render(rs, elements=False)
+    out: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for deny, table in ((False, r.sets), (True, r.deny)):
+        for sources, names in table.items():
+            for fam, name in names:
+                v4, v6 = (sources.deny_v4, sources.deny_v6) if deny else (sources.v4, sources.v6)
+                out[name] = (4, v4) if fam == "ip" else (6, v6)
+    return "\n".join(r.lines) + "\n", out
+
+
+def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
+            counts: dict[str, int] | None = None) -> _Renderer:
     r = _Renderer(lines=[], sets={}, elements=elements, counts=counts or {})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp), *_ban_sets(),
@@ -387,7 +405,7 @@ def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         *(_loopback_guard() if rs.loopback_guard else []),
         "}",
     ]
-    return "\n".join(r.lines) + "\n"
+    return r
 
 
 def transaction(table: str) -> str:
