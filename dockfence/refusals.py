@@ -117,7 +117,7 @@ class Describer:
                                                     nft.COUNTER_DIRECT)
 
     def describe(self, p: Packet) -> Attempt:
-        counter = p.prefix.removeprefix(nft.LOG_PREFIX)
+        counter, _, why = p.prefix.removeprefix(nft.LOG_PREFIX).partition(" ")
         port = f"{p.dport}/{p.proto}" if p.dport is not None else p.proto
         who = self.containers.get(p.dst)
         if counter in self.names:
@@ -132,7 +132,9 @@ class Describer:
             asked = f"{who or 'container'} {port} on {p.dst} (direct routing)"
             by = f"{nft.TAG_DIRECT}: no published port or policy rule allows it"
         else:
-            asked, by = f"{p.dst} {port}", counter or "unknown rule"
+            asked, by = f"{who or p.dst} {port}", counter or "unknown rule"
+        if why == nft.TAG_BANNED or counter == nft.COUNTER_BANNED:
+            by = "banned (dockfence ban)"  # refused before any allow-list was asked
         return Attempt(p.time, p.src, p.sport, p.proto, asked, by)
 
 

@@ -74,6 +74,18 @@ def test_refusals_described_in_the_policy_words() -> None:
     assert host.asked == "host port 2222/tcp"
     assert host.refused_by.startswith("host.default | /etc/dockfence/policy.yaml:")
     assert "[2001:db8:9::10]:5" in host.line()
+    # a banned source refused in the port's own chain: the port, and the ban as the reason
+    banned = d.describe(nflog.Packet(0.0, "dockfence tcp_ports_8081_refused banned", "tcp",
+                                     "203.0.113.100", 40112, "172.17.0.2", 8080))
+    assert banned.asked == a.asked and banned.refused_by == "banned (dockfence ban)"
+
+
+def test_bans_are_logged_as_bans() -> None:
+    """Every rule that refuses a banned source says so in its log prefix."""
+    text = nft.render(rules())
+    bans = [line for line in text.splitlines() if "saddr @bans_v" in line and "log" in line]
+    prefixes = {line.split('log prefix "')[1].split('"')[0] for line in bans}
+    assert bans and all(p.endswith(" banned") for p in prefixes), prefixes
 
 
 def test_flood_summarised_with_bounded_memory() -> None:

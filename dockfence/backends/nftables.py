@@ -102,11 +102,14 @@ def gate_name(map_name: str, key: str) -> str:
     return f"{map_name}_{_NAME_UNSAFE.sub('_', key.replace(' . ', '_'))}"
 
 
-def refuse(counter: str, text: str, match: str = "") -> str:
+def refuse(counter: str, text: str, match: str = "", why: str = "") -> str:
     """The refusal of one drop point: counted, reported (kernel rate-limited), dropped. Two
-    rules, because `limit` ends a rule once over budget and the drop must happen anyway."""
+    rules, because `limit` ends a rule once over budget and the drop must happen anyway.
+    `why` follows the counter in the log prefix when the counter alone does not tell (a ban
+    refused in a port's chain)."""
+    logged = f"{LOG_PREFIX}{counter} {why}" if why else f"{LOG_PREFIX}{counter}"
     return (f"\t\t{match}counter name {counter} limit name {LOG_LIMIT} "
-            f'log prefix "{LOG_PREFIX}{counter}" group {LOG_GROUP}\n'
+            f'log prefix "{logged}" group {LOG_GROUP}\n'
             f"\t\t{match}drop comment {text}")
 
 
@@ -114,7 +117,8 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
     """A default's rule: counted under `counter`; refusals reported (see refuse). An `allow`
     default still refuses banned sources."""
     if verdict == "allow":
-        bans = "\n".join(refuse(counter, comment(TAG_BANNED), f"{match}{fam} saddr @{name} ")
+        bans = "\n".join(refuse(counter, comment(TAG_BANNED), f"{match}{fam} saddr @{name} ",
+                                TAG_BANNED)
                          for fam, name in (("ip", BAN_SETS[4]), ("ip6", BAN_SETS[6])))
         return f"{bans}\n\t\t{match}counter name {counter} accept comment {text}"
     return refuse(counter, text, match)
@@ -268,7 +272,8 @@ _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 def _banned(counter: str) -> list[str]:
     """Refuse banned sources (dockfence ban) under `counter`, before anything admits them."""
-    return [refuse(counter, comment(TAG_BANNED), f"{fam} saddr @{BAN_SETS[v]} ")
+    why = "" if counter == COUNTER_BANNED else TAG_BANNED  # that counter says it already
+    return [refuse(counter, comment(TAG_BANNED), f"{fam} saddr @{BAN_SETS[v]} ", why)
             for fam, v in (("ip", 4), ("ip6", 6))]
 
 
