@@ -313,3 +313,40 @@ def test_kernel_takes_the_element_update() -> None:
     assert proc.returncode == 0, proc.stderr
     got = nft.parse_live({"nftables": json.loads(proc.stdout)})
     assert nft.same_table(got, new)
+
+
+def test_refusals_metrics_and_doctor_name_the_address() -> None:
+    from dockfence.doctor import uncovered_ports
+    from dockfence.metrics import labelled
+    from dockfence.refusals import Describer
+
+    rs, inv = rules(), inventory()
+    stem = "addr_v6_tcp_2001_db8__2_443"
+    assert Describer(rs, inv).names[f"{stem}_refused"] == (
+        "b 443/tcp (host port [2001:db8::2]:443)", "p.yaml:11")
+    assert labelled(rs)[f"{stem}_allowed"] == (("container", "b", "[2001:db8::2]:443", "tcp"),
+                                               "allowed")
+    assert uncovered_ports(inv, rs) == (8, ())
+    # a binding on an address the live rules do not key (applied before it was published)
+    late = inventory(web("g", "203.0.113.7", port=9443))
+    assert uncovered_ports(late, rs) == (9, ("g 203.0.113.7:9443/tcp",))
+
+
+@needs_root
+def test_kernel_takes_the_closure_meanwhile() -> None:
+    """What watch sends before a full apply it cannot avoid: the kernel refuses everyone on
+    the port's every-address gate, and lists exactly the interim rules."""
+    old = rules(Inventory(containers=(web("a", "0.0.0.0"),)))
+    new = rules(Inventory(containers=(web("a", "0.0.0.0"), web("b", "2001:db8::2"))))
+    interim = closed_meanwhile(old, new)
+    assert interim is not None
+    up = element_update(old, interim, nft.allow_chains(old))
+    assert up
+    proc = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", SCRIPT, nft.render(old),
+         base64.b64encode(pickle.dumps(up.ops)).decode()],
+        capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    got = nft.parse_live({"nftables": json.loads(proc.stdout)})
+    assert nft.same_table(got, interim)
+    assert find_gate(got.container_gates, "tcp", 443).sources.nobody

@@ -8,11 +8,11 @@ interface in both families (203.0.113.2, 2001:db8:1::2). Containers::
     px-a   -p 203.0.113.1:8444:8080 -p [2001:db8:1::1]:8444:8080   default bridge (IPv4 only)
     px-b   -p 203.0.113.2:8444:8080 -p [2001:db8:1::2]:8444:8080   default bridge (IPv4 only)
 
-web-a and px-a admit the office (203.0.113.10, 2001:db8:1::10), web-b and px-b the partner (203.0.113.100,
-2001:db8:9::10). Paths: IPv4 always through Docker's NAT (forward chain); IPv6 to adnet through
-ip6 NAT on 28.5 and docker-proxy on 20.10 (no ip6tables); IPv6 to the default bridge through
-docker-proxy on both (input chain). Every refusal is checked against a baseline taken before
-dockfence was applied.
+web-a and px-a admit the office (203.0.113.10, 2001:db8:1::10), web-b and px-b the partner
+(203.0.113.100, 2001:db8:9::10). Paths: IPv4 always through Docker's NAT (forward chain);
+IPv6 to adnet through ip6 NAT on 28.5 and docker-proxy on 20.10 (no ip6tables); IPv6 to the
+default bridge through docker-proxy on both (input chain). Every refusal is checked against a
+baseline taken before dockfence was applied.
 """
 
 from __future__ import annotations
