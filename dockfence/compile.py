@@ -176,11 +176,12 @@ def _addressed(claims: list[_Claim]) -> list[Gate]:
     for c in claims:
         if c.host is not None:
             per_key[(c.proto, c.host, c.ports.first)].append(c)
+    bare_rules = [c for c in claims if c.bare]  # a few: scanned once per addressed port
     gates = []
     for (proto, host, port), mine in sorted(per_key.items(), key=lambda kv: (
             kv[0][0], kv[0][1].version, kv[0][1], kv[0][2])):
         seg = PortRange(port, port)
-        bare = [c for c in claims if c.bare and c.proto == proto and port in c.ports]
+        bare = [c for c in bare_rules if c.proto == proto and port in c.ports]
         where = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
         sources, chosen = _segment_sources(seg, mine + bare, where)
         label = "; ".join(dict.fromkeys(c.label for c in mine))

@@ -294,6 +294,13 @@ nft.apply_text(nft.transaction(sys.argv[1]))
 netlink.commit(nft.TABLE, pickle.loads(base64.b64decode(sys.argv[2])))
 print(nft.canonical(nft.live_json()))
 """
+# as restore does: the recorded table and the journal's updates in one transaction
+REPLAY = """
+import sys
+from dockfence.backends import nftables as nft
+nft.apply_text(nft.transaction(sys.argv[1] + sys.argv[2]))
+print(nft.canonical(nft.live_json()))
+"""
 
 
 @needs_root
@@ -313,6 +320,12 @@ def test_kernel_takes_the_element_update() -> None:
     assert proc.returncode == 0, proc.stderr
     got = nft.parse_live({"nftables": json.loads(proc.stdout)})
     assert nft.same_table(got, new)
+    replay = subprocess.run(
+        ["unshare", "--net", "--", sys.executable, "-c", REPLAY,
+         nft.render(old, Stamp(digest(b"p"), digest(b"i1"))), up.text],
+        capture_output=True, text=True, cwd=REPO)
+    assert replay.returncode == 0, replay.stderr
+    assert nft.same_table(nft.parse_live({"nftables": json.loads(replay.stdout)}), new)
 
 
 def test_refusals_metrics_and_doctor_name_the_address() -> None:
