@@ -12,7 +12,9 @@ web-a and px-a admit the office (203.0.113.10, 2001:db8:1::10), web-b and px-b t
 (203.0.113.100, 2001:db8:9::10). Paths: IPv4 always through Docker's NAT (forward chain);
 IPv6 to adnet through ip6 NAT on 28.5 and docker-proxy on 20.10 (no ip6tables); IPv6 to the
 default bridge through docker-proxy on both (input chain). Every refusal is checked against a
-baseline taken before dockfence was applied.
+baseline taken before dockfence was applied (the last test's, after `dockfence remove`). The last
+test replaces them with `wide` (-p 0.0.0.0:8446:8080, office) and `narrow`
+(-p [2001:db8:1::2]:8446:8080, partners) under watch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,12 @@ containers:
       port: 8080
       from: office
     - container: px-b
+      port: 8080
+      from: partners
+    - container: wide
+      port: 8080
+      from: office
+    - container: narrow
       port: 8080
       from: partners
 """
@@ -174,11 +183,11 @@ def test_explain_status_and_plan_know_the_address(site: Site) -> None:
     assert rows[("web-a", f"[{A6}]:8443")]["who"] == "office"
 
 
-def test_watch_keeps_each_address_in_step(site: Site) -> None:
-    """web-b and px-b go and come back under watch: element updates of the addressed maps; while
-    they are away their addresses are refused, and back they have their own lists again."""
+@contextmanager
+def watching(site: Site, name: str) -> Iterator[Path]:
+    """`dockfence watch` on the lab host; yields its log."""
     lab = site.lab
-    log = lab.base / "watch.log"
+    log = lab.base / f"{name}.log"
     env = {**os.environ, "DOCKER_HOST": lab.docker_host, "PYTHONPATH": str(REPO),
            "DOCKFENCE_STATE_DIR": str(lab.base / "state")}
     proc = subprocess.Popen(
@@ -187,6 +196,17 @@ def test_watch_keeps_each_address_in_step(site: Site) -> None:
         stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert wait_for(lambda: "start:" in log.read_text()), log.read_text()
+        yield log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_watch_keeps_each_address_in_step(site: Site) -> None:
+    """web-b and px-b go and come back under watch: element updates of the addressed maps; while
+    they are away their addresses are refused, and back they have their own lists again."""
+    lab = site.lab
+    with watching(site, "watch") as log:
         lab.docker("rm", "-f", "web-b", "px-b")
         assert wait_for(lambda: log.read_text().count("updated") >= 1), log.read_text()
         run(lab, "web-b", 8443, False, "adnet")
@@ -198,9 +218,30 @@ def test_watch_keeps_each_address_in_step(site: Site) -> None:
         assert log.read_text().count("updated") >= 2 and "shape" not in log.read_text(), \
             log.read_text()
         check(site)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+
+
+def test_watch_first_address_needs_a_full_apply_and_closes_meanwhile(site: Site) -> None:
+    """The addressed containers go (the table loses its address maps: a full apply), `wide`
+    publishes 8446 on every IPv4 address (office), then `narrow` the same port on one IPv6
+    address (partners): the first addressed port again, a full apply, and until it lands the
+    port's every-address gate would admit the office there, so watch closes it first. Then each
+    has its list. Last, without dockfence, the same probes get in (the baseline)."""
+    lab = site.lab
+    wide = (CLIENT_V4, A4, 8446)
+    office6, partner6 = (CLIENT_V6, B6, 8446), (CLIENT_V6_ALT, B6, 8446)
+    want = {wide: True, office6: False, partner6: True}
+    with watching(site, "watch-first") as log:
+        lab.docker("rm", "-f", "web-a", "web-b", "px-a", "px-b")
+        assert wait_for(lambda: "shape" in log.read_text()), log.read_text()
+        lab.run_container("wide", ["0.0.0.0:8446:8080"], lab.tcp_server_cmd(8080))
+        assert wait_for(lambda: probe(lab, [wide]) == {wide: True}), log.read_text()
+        lab.run_container("narrow", [f"[{B6}]:8446:8080"], lab.tcp_server_cmd(8080))
+        assert wait_for(lambda: "refused until the full apply lands" in log.read_text()), \
+            log.read_text()
+        assert wait_for(lambda: probe(lab, list(want)) == want), log.read_text()
+    proc = dockfence(lab, "remove")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert wait_for(lambda: all(probe(lab, list(want)).values())), "baseline without dockfence"
 
 
 def wait_for(condition, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
