@@ -398,6 +398,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
                     "in_force": in_force})
         return
     words = {"allow": "[bold green]ALLOWED[/]", "deny": "[bold red]DENIED[/]",
+             "depends": "[bold yellow]DEPENDS ON THE HOST ADDRESS[/]",
              None: "[bold]NOT FILTERED[/]"}
     out.print(f"{words[ex.verdict]}  {escape(ex.source)} -> {escape(ex.target)}  "
               f"(port {ex.port}/{ex.proto})", markup=True)

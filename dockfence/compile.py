@@ -43,6 +43,13 @@ class _Claim:
     origin: str
     explicit: bool
     bare: bool = False  # a host-port rule without a container: applies to the port itself
+    host: IPAddress | None = None  # the binding's own host address, None: every address
+
+
+def _claim(b: Binding, sources: Sources, label: str, origin: str, explicit: bool) -> _Claim:
+    """A binding's claim: keyed on its host address when Docker published it on one."""
+    return _Claim(b.proto, PortRange(b.host_port, b.host_port), sources,  # type: ignore[arg-type]
+                  label, origin, explicit, host=b.host_address)
 
 
 def _bindings(inventory: Inventory) -> list[tuple[Container, Binding]]:
@@ -71,8 +78,7 @@ def _rule_claims(policy: Policy, rule: ContainerRule, bindings: list[tuple[Conta
     spec = rule.port or rule.host_port
     assert spec is not None
     selected = [(c, b) for c, b in bindings if _selects(rule, c, b)]
-    claims = [_Claim(spec.proto, PortRange(b.host_port, b.host_port), rule.sources,
-                     binding_label(c, b), origin, True)
+    claims = [_claim(b, rule.sources, binding_label(c, b), origin, True)
               for c, b in selected if b.host_port is not None]
     if rule.host_port is not None and rule.container is None:
         # A bare host-port rule gates the port itself, whether or not a container publishes it
@@ -103,16 +109,17 @@ def _label_claims(policy: Policy, published: list[tuple[Container, Binding]],
             if not selected:
                 warnings.append(f"{rule.origin}: the container does not publish "
                                 f"{rule.port}; the label grants nothing")
-            claims += [_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
-                              rule.sources, binding_label(c, b), rule.origin, True)
+            claims += [_claim(b, rule.sources, binding_label(c, b), rule.origin, True)
                        for b in selected]
     return claims
 
 
-def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, list[_Claim]]:
+def _segment_sources(seg: PortRange, covering: list[_Claim],
+                     where: str | None = None) -> tuple[Sources, list[_Claim]]:
     """Rules add up; a published port no rule names gets the default; bare host-port rules apply
-    to whatever is behind the port. Two containers behind one host port (on different host
-    addresses) must end up with one allow-list, because rules are keyed on the host port."""
+    to whatever is behind the port. Containers that publish one host port on every address
+    (of either family) share its gate, so they must end up with one allow-list; containers on
+    specific host addresses have gates of their own (see _addressed)."""
     bare = [c for c in covering if c.bare]
     per_label: dict[str, list[_Claim]] = defaultdict(list)
     for c in covering:
@@ -128,18 +135,20 @@ def _segment_sources(seg: PortRange, covering: list[_Claim]) -> tuple[Sources, l
     first = next(iter(effective.values()))[0]
     if any(s != first for s, _ in effective.values()):
         raise OperationalError(
-            f"host port {seg}/{covering[0].proto} is published by {'; '.join(effective)} "
-            "(on different host addresses) with different allow-lists; dockfence keys rules "
-            "on the host port, so give them one allow-list")
+            f"host port {where or seg}/{covering[0].proto} is published by "
+            f"{'; '.join(effective)} with different allow-lists; a port published on every "
+            "host address (0.0.0.0, ::) has one allow-list, so give them one, or publish "
+            "each on its own host address (-p ADDRESS:PORT:PORT)")
     sources = next(iter(effective.values()))[0]
     return sources, [c for _, chosen in effective.values() for c in chosen]
 
 
 def _segments(claims: list[_Claim]) -> list[Gate]:
-    """Cut overlapping claims into disjoint port ranges and merge equal neighbours."""
+    """Cut overlapping claims into disjoint port ranges and merge equal neighbours; then the
+    gates of ports published on specific host addresses."""
     gates: list[Gate] = []
     for proto in PROTOS:
-        mine = [c for c in claims if c.proto == proto]
+        mine = [c for c in claims if c.proto == proto and c.host is None]
         cuts = sorted({c.ports.first for c in mine} | {c.ports.last + 1 for c in mine})
         for lo, hi in itertools.pairwise(cuts):
             seg = PortRange(lo, hi - 1)
@@ -156,6 +165,28 @@ def _segments(claims: list[_Claim]) -> list[Gate]:
                 seg = PortRange(prev.ports.first, seg.last)
                 gates.pop()
             gates.append(Gate(proto, seg, sources, label, origin))
+    return gates + _addressed(claims)
+
+
+def _addressed(claims: list[_Claim]) -> list[Gate]:
+    """One gate per host address and port that Docker published on that address alone: the
+    rules that name what is behind it, and the bare host-port rules (a port on every address)
+    covering the port. Single ports, never merged: the kernel keys them on address . port."""
+    per_key: dict[tuple[Proto, IPAddress, int], list[_Claim]] = defaultdict(list)
+    for c in claims:
+        if c.host is not None:
+            per_key[(c.proto, c.host, c.ports.first)].append(c)
+    bare_rules = [c for c in claims if c.bare]  # a few: scanned once per addressed port
+    gates = []
+    for (proto, host, port), mine in sorted(per_key.items(), key=lambda kv: (
+            kv[0][0], kv[0][1].version, kv[0][1], kv[0][2])):
+        seg = PortRange(port, port)
+        bare = [c for c in bare_rules if c.proto == proto and port in c.ports]
+        where = f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+        sources, chosen = _segment_sources(seg, mine + bare, where)
+        label = "; ".join(dict.fromkeys(c.label for c in mine))
+        origin = ", ".join(dict.fromkeys(c.origin for c in chosen))
+        gates.append(Gate(proto, seg, sources, label, origin, host))
     return gates
 
 
@@ -171,7 +202,7 @@ def _direct(policy: Policy, bindings: list[tuple[Container, Binding]], gates: li
         if not c.routed_addresses:
             continue
         if b.host_port is not None:
-            gate = find_gate(gates, b.proto, b.host_port)
+            gate = find_gate(gates, b.proto, b.host_port, b.host_address)
             if gate is None:
                 continue
             sources, origin = gate.sources, gate.origin
@@ -210,9 +241,8 @@ def compile_policy(policy: Policy, inventory: Inventory) -> Ruleset:
         claims.extend(_rule_claims(policy, rule, bindings, warnings))
     claims.extend(_label_claims(policy, published, warnings))
     for c, b in published:
-        claims.append(_Claim(b.proto, PortRange(b.host_port, b.host_port),  # type: ignore[arg-type]
-                             Sources.for_verdict(policy.container_default), binding_label(c, b),
-                             default_origin, False))
+        claims.append(_claim(b, Sources.for_verdict(policy.container_default),
+                             binding_label(c, b), default_origin, False))
     container_gates = _segments(claims)
 
     host: HostRules | None = None

@@ -24,7 +24,7 @@ def _gate(counts: dict[str, int], stem: str) -> Count:
 
 
 def container_gate(counts: dict[str, int], g: Gate) -> Count:
-    return _gate(counts, nft.gate_name(f"{g.proto}_ports", str(g.ports)))
+    return _gate(counts, nft.gate_stem(g))
 
 
 def host_gate(counts: dict[str, int], g: Gate) -> Count:

@@ -37,9 +37,10 @@ def bindings_of(ports: dict[str, Any] | None) -> tuple[Binding, ...]:
     for key, hosts in (ports or {}).items():
         port, _, proto = key.partition("/")
         for h in hosts or []:
-            host_ip = h.get("HostIp") or "0.0.0.0"
             try:
-                ipaddress.ip_address(host_ip)
+                # canonical text (Docker's own, or a user's `-p 2001:DB8::0001:...`), no scope
+                address = ipaddress.ip_address(h.get("HostIp") or "0.0.0.0")
+                host_ip = str(type(address)(int(address)))
                 # an empty HostPort: routed mode publishes the container port itself
                 host_port = int(h["HostPort"]) if h.get("HostPort") else None
                 out.append(Binding(proto or "tcp", host_ip, host_port, int(port)))

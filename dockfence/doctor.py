@@ -162,7 +162,7 @@ def uncovered_ports(inv: Inventory, live: Ruleset | None) -> tuple[int, tuple[st
         if not b.loopback_only and b.host_port is not None and b.proto in ("tcp", "udp")]
     gates = live.container_gates if live else ()
     loose = [f"{c.name} {b.host_endpoint()}/{b.proto}" for c, b in exposed
-             if live is None or find_gate(gates, b.proto, b.host_port) is None]
+             if live is None or find_gate(gates, b.proto, b.host_port, b.host_address) is None]
     return len(exposed), tuple(dict.fromkeys(loose))
 
 

@@ -403,7 +403,7 @@ def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inve
         # from outside, a loopback address leads only through Docker's NAT (Docker < 28)
         loopback = ipaddress.ip_address(dst).is_loopback
         if dst in local and not loopback:
-            if find_gate(new.container_gates, proto, dport) is None:
+            if find_gate(new.container_gates, proto, dport, ipaddress.ip_address(dst)) is None:
                 return False
         elif dst not in containers and not loopback:
             return False  # routed elsewhere: not dockfence's business
@@ -550,7 +550,7 @@ def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
         return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
                           sources=_networks(mine[0].sources, memo),
                           **asdict(counters.direct_gate(counts or {}, mine[0])))
-    gate = find_gate(live.container_gates, b.proto, b.host_port)
+    gate = find_gate(live.container_gates, b.proto, b.host_port, b.host_address)
     if gate is None:
         fallback = Sources.for_verdict(live.unknown_published)
         return PortStatus(**row, who=f"{fallback} through NAT; unfiltered through docker-proxy",

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass
+from typing import Literal
 
-from .model import Inventory, PortRange, Proto, Ruleset, Sources, Verdict, find_gate
+from .model import (
+    Binding,
+    Container,
+    Gate,
+    Inventory,
+    PortRange,
+    Proto,
+    Ruleset,
+    Sources,
+    Verdict,
+    addressed_gates,
+    find_gate,
+)
+
+# "depends": the port is published on several host addresses with different verdicts and no
+# `to` said which one
+Answer = Verdict | Literal["depends"] | None
 
 
 @dataclass(frozen=True)
@@ -13,7 +30,7 @@ class Explanation:
     source: str
     port: int
     proto: str
-    verdict: Verdict | None  # None: dockfence does not filter this traffic
+    verdict: Answer  # None: dockfence does not filter this traffic
     target: str  # what sits behind the port
     decided_by: str  # the policy line (or default) that decided
     reason: str
@@ -29,7 +46,7 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
     `to`, on that address: a container's own address means direct routing, a loopback address
     a packet a neighbour sent to 127.0.0.1 or ::1 through the host)."""
 
-    def result(verdict: Verdict | None, target: str, decided_by: str, reason: str) -> Explanation:
+    def result(verdict: Answer, target: str, decided_by: str, reason: str) -> Explanation:
         return Explanation(str(source), port, proto, verdict, target, decided_by, reason)
 
     if to is not None and to.is_loopback and rs.loopback_guard:
@@ -67,18 +84,19 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
     # which a table made before the loopback guard let through Docker's NAT.
     published = [(c, b) for c in inventory.containers for b in c.bindings
                  if b.proto == proto and b.host_port == port
-                 and (to is None or b.host_ip in ("0.0.0.0", "::", str(to)))
+                 and (to is None or b.host_ip == str(to)
+                      or (b.host_address is None and b.family == to.version))
                  and (not b.loopback_only or b.host_ip == str(to))]
-    gate = find_gate(rs.container_gates, proto, port)
+    addressed = addressed_gates(rs.container_gates, proto, port)
+    if to is None and addressed:
+        return _per_address(rs, published, addressed, source, port, proto)
+    gate = find_gate(rs.container_gates, proto, port, to)
     if gate is not None:
-        endpoints: dict[str, list[str]] = {}
-        for c, b in published:
-            endpoints.setdefault(f"{c.name} {b.container_port}/{b.proto}", []).append(
-                b.host_endpoint())
-        target = "; ".join(f"{k} (published on {', '.join(v)})" for k, v in endpoints.items()) \
-            or gate.label
+        mine = [(c, b) for c, b in published if gate.host is not None or b.host_address is None
+                or find_gate(rs.container_gates, proto, port, b.host_address) is gate]
         ok = gate.sources.admits(source)
-        return result("allow" if ok else "deny", target, gate.origin, _why(gate.sources, source))
+        return result("allow" if ok else "deny", _target(mine) or gate.label, gate.origin,
+                      _why(gate.sources, source) + _keyed(gate))
     if published:
         c, b = published[0]
         return result(rs.unknown_published, f"{c.name} {b.container_port}/{b.proto}",
@@ -101,6 +119,36 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
                       _why(hgate.sources, source))
     return result(rs.host.default, port_desc, rs.host.origin,
                   "a host port no rule names")
+
+
+def _target(published: list[tuple[Container, Binding]]) -> str:
+    endpoints: dict[str, list[str]] = {}
+    for c, b in published:
+        endpoints.setdefault(f"{c.name} {b.container_port}/{b.proto}", []).append(
+            b.host_endpoint())
+    return "; ".join(f"{k} (published on {', '.join(v)})" for k, v in endpoints.items())
+
+
+def _keyed(gate: Gate) -> str:
+    if gate.host is None:
+        return ""
+    return f" (the gate of {gate.label} on host address {gate.host})"
+
+
+def _per_address(rs: Ruleset, published: list[tuple[Container, Binding]],
+                 addressed: list[Gate], source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                 port: int, proto: Proto) -> Explanation:
+    """No `to`, and the port has gates keyed on host addresses: the verdict on each address
+    (the port's own gate, if any, for every other one); "depends" when they differ."""
+    gates = [*addressed, *filter(None, [find_gate(rs.container_gates, proto, port)])]
+    verdicts = {g.sources.admits(source) for g in gates}
+    verdict: Answer = "depends" if len(verdicts) > 1 else "allow" if verdicts.pop() else "deny"
+    parts = [f"on {g.host or 'any other address'}: {_why(g.sources, source)}" for g in gates]
+    hint = "; pass --to ADDRESS for one host address" if verdict == "depends" else ""
+    return Explanation(str(source), port, proto, verdict, _target(published) or
+                       "; ".join(g.label for g in gates),
+                       "; ".join(f"{g.host or 'other addresses'}: {g.origin}" for g in gates),
+                       "; ".join(parts) + hint)
 
 
 def _why(sources: Sources, source: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

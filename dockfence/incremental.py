@@ -6,13 +6,14 @@ and which bridges exist. `element_update()` turns two rulesets into the few elem
 and deletions between them, for the kernel (netlink ops), and for the record the new content
 of each set or map they touch (nft commands that `restore` runs after loading the table). It
 answers None when the change needs a full table: the shape differs (an allow-list no chain
-holds yet, a setting, the host rules).
+holds yet, a setting, the host rules, the first port published on a specific host address or
+the last one gone, which add or remove the maps keyed on address and port).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import addresses
 from .backends import netlink as nl
@@ -22,13 +23,16 @@ from .backends.nftables import (
     FAMILY,
     STAMP_SET,
     TABLE,
+    addr_map,
     address_sets,
     chain_order,
     comment,
+    gate_map_key,
     gate_name,
+    has_addressed,
     same_list,
 )
-from .model import PROTOS, DirectGate, Gate, Ruleset, Sources
+from .model import PROTOS, DirectGate, Gate, Ruleset, Sources, find_gate
 from .stamp import Stamp
 
 Chains = list[tuple[Sources, str]]
@@ -59,10 +63,20 @@ _Entry = tuple[str, bytes, bytes, str, Sources]
 def _gate_entries(gates: Iterable[Gate], proto: str) -> dict[str, _Entry]:
     out = {}
     for g in gates:
-        if g.proto == proto:
+        if g.proto == proto and g.host is None:
             key = str(g.ports)
             out[key] = (key, nl.port_key(g.ports.first), nl.port_key(g.ports.last),
                         comment(g.label, g.origin)[1:-1], g.sources)
+    return out
+
+
+def _addr_entries(gates: Iterable[Gate], version: int, proto: str) -> dict[str, _Entry]:
+    out = {}
+    for g in gates:
+        if g.proto == proto and g.host is not None and g.host.version == version:
+            key = gate_map_key(g)[1]
+            raw = nl.addr_port_key(g.host, g.ports.first)
+            out[key] = (key, raw, raw, comment(g.label, g.origin)[1:-1], g.sources)
     return out
 
 
@@ -175,7 +189,7 @@ class _Builder:
 
 
 def _shape(rs: Ruleset) -> tuple[object, ...]:
-    return (rs.unknown_published, rs.unknown_origin, rs.outside, rs.host)
+    return (rs.unknown_published, rs.unknown_origin, rs.outside, rs.host, has_addressed(rs))
 
 
 def _rendered(rs: Ruleset | None) -> dict[str, dict[str, _Entry]]:
@@ -185,6 +199,7 @@ def _rendered(rs: Ruleset | None) -> dict[str, dict[str, _Entry]]:
     for fam, version in (("v4", 4), ("v6", 6)):
         for proto in PROTOS:
             out[f"direct_{fam}_{proto}"] = _direct_entries(rs.direct, version, proto)
+            out[addr_map(version, proto)] = _addr_entries(rs.container_gates, version, proto)
     return out
 
 
@@ -207,6 +222,12 @@ def element_update(old: Ruleset, new: Ruleset, chains: Chains,
             if not b.map_diff(f"{proto}_ports", True, _gate_entries(old.container_gates, proto),
                               _gate_entries(new.container_gates, proto)):
                 return None
+        for version in (4, 6) if has_addressed(new) else ():  # the maps exist (same shape)
+            for proto in PROTOS:
+                if not b.map_diff(addr_map(version, proto), False,
+                                  _addr_entries(old.container_gates, version, proto),
+                                  _addr_entries(new.container_gates, version, proto)):
+                    return None
         for fam, version in (("v4", 4), ("v6", 6)):
             for proto in PROTOS:
                 if not b.map_diff(f"direct_{fam}_{proto}", False,
@@ -237,3 +258,36 @@ def list_update(old: Ruleset, new: Ruleset, stamp: Stamp | None = None) -> Eleme
     except ValueError:
         return None  # a block reaching the last address: not expressible element by element
     return b.update(stamp)
+def closed_meanwhile(old: Ruleset, new: Ruleset) -> Ruleset | None:
+    """What the table should decide while a full apply that element updates cannot replace is
+    on its way, or None when `old` is safe meanwhile. A port newly published on one host
+    address is decided by the old table's gate for the port on every address (a bare
+    host-port rule, a container on every address of the other family) until its own gate
+    lands; where that gate admits someone the new one does not, it refuses everyone for the
+    moment: the firewall fails closed, for the port on every address, for a second or so.
+    Without such a gate, the new address was already the port no gate names
+    (containers.default)."""
+    keyed = {(g.proto, g.host, g.ports.first) for g in old.container_gates if g.host}
+    risky: set[int] = set()
+    for g in new.container_gates:
+        if g.host is None or (g.proto, g.host, g.ports.first) in keyed:
+            continue
+        now = find_gate(old.container_gates, g.proto, g.ports.first, g.host)
+        if now is None or _admits_no_more(now.sources, g.sources):
+            continue
+        risky.add(next(i for i, o in enumerate(old.container_gates) if o is now))
+    if not risky:
+        return None
+    return replace(old, container_gates=tuple(
+        replace(o, sources=Sources(), origin=f"closed until the new rules are in place "
+                f"({o.origin})"[:100]) if i in risky else o
+        for i, o in enumerate(old.container_gates)))
+
+
+def _admits_no_more(a: Sources, b: Sources) -> bool:
+    """Does `b` admit everyone `a` admits? (False when unsure: deny lists.)"""
+    if a.nobody or (b.any and not b.denies) or same_list(a, b):
+        return True
+    if a.any or a.denies or b.denies:
+        return False
+    return not (addresses.subtract(4, a.v4, b.v4) or addresses.subtract(6, a.v6, b.v6))

@@ -51,8 +51,7 @@ def labelled(rs: Ruleset) -> dict[str, tuple[LabelSet, str]]:
         out[f"{stem}_refused"] = (labels, "refused")
 
     for g in rs.container_gates:
-        both(nft.gate_name(f"{g.proto}_ports", str(g.ports)),
-             ("container", _container(g.label), str(g.ports), g.proto))
+        both(nft.gate_stem(g), ("container", _container(g.label), g.where(), g.proto))
     for g in rs.host.gates if rs.host else ():
         both(nft.gate_name(f"host_{g.proto}", str(g.ports)), ("host", "", str(g.ports), g.proto))
     for d in rs.direct:

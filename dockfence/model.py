@@ -255,6 +255,14 @@ class Binding:
     def loopback_only(self) -> bool:
         return ipaddress.ip_address(self.host_ip).is_loopback
 
+    @property
+    def host_address(self) -> IPAddress | None:
+        """The one host address the port is published on; None when published on every
+        address of its family (0.0.0.0, ::)."""
+        address = ipaddress.ip_address(self.host_ip)
+        # rebuilt from its number: canonical, and without an IPv6 scope (`%eth0`)
+        return None if address.is_unspecified else type(address)(int(address))
+
     def host_endpoint(self) -> str:
         ip, port = self.host_ip, self.host_port
         if port is None:
@@ -319,6 +327,8 @@ class Gate:
     """Who may open new connections to a host port (or range), and why.
 
     `label` says what the port is (container and port), `origin` which policy line decided.
+    `host`: the host address the gate is keyed on, for a port published on that address only
+    (always a single port); None: the port on every host address.
     """
 
     proto: Proto
@@ -326,10 +336,14 @@ class Gate:
     sources: Sources
     label: str
     origin: str
+    host: IPAddress | None = None
 
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.proto, self.ports.first, self.ports.last)
+    def where(self) -> str:
+        """`8081`, `203.0.113.1:443`, `[2001:db8::1]:443`: the port as people write it."""
+        if self.host is None:
+            return str(self.ports)
+        return f"[{self.host}]:{self.ports}" if self.host.version == 6 else \
+            f"{self.host}:{self.ports}"
 
 
 @dataclass(frozen=True)
@@ -346,9 +360,24 @@ class DirectGate:
     origin: str
 
 
-def find_gate(gates: Iterable[Gate], proto: str, port: int | None) -> Gate | None:
-    """The gate that decides `port`/`proto`, if any (gates never overlap)."""
-    return next((g for g in gates if g.proto == proto and port in g.ports), None)
+def find_gate(gates: Iterable[Gate], proto: str, port: int | None,
+              host: IPAddress | None = None) -> Gate | None:
+    """The gate that decides `port`/`proto` on host address `host` (None: on an address no
+    gate is keyed on), if any: the one keyed on that address and port, else the port's own,
+    as the kernel looks them up. Port gates never overlap; neither do addressed ones."""
+    gates = tuple(gates)
+    if host is not None:
+        found = next((g for g in gates if g.host == host and g.proto == proto
+                      and port in g.ports), None)
+        if found is not None:
+            return found
+    return next((g for g in gates if g.host is None and g.proto == proto and port in g.ports),
+                None)
+
+
+def addressed_gates(gates: Iterable[Gate], proto: str, port: int) -> list[Gate]:
+    """The gates keyed on a host address for `port`/`proto`."""
+    return [g for g in gates if g.host is not None and g.proto == proto and port in g.ports]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ Facts = dict[tuple[str, str], tuple[str, Sources | str, str]]
 
 
 def _gate_facts(prefix: str, gates: tuple[Gate, ...]) -> Facts:
-    return {(prefix, f"{g.proto} {g.ports}"): (g.label, g.sources, g.origin) for g in gates}
+    return {(prefix, f"{g.proto} {g.where()}"): (g.label, g.sources, g.origin) for g in gates}
 
 
 def facts(rs: Ruleset | None) -> Facts:

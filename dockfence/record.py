@@ -50,7 +50,9 @@ def encode(rs: Ruleset) -> dict[str, Any]:
         return sources[s]
 
     def gate(g: Gate) -> list[Any]:
-        return [g.proto, g.ports.first, g.ports.last, ref(g.sources), g.label, g.origin]
+        # the host address last, only when keyed on one: records of port gates stay as they were
+        return [g.proto, g.ports.first, g.ports.last, ref(g.sources), g.label, g.origin,
+                *([str(g.host)] if g.host is not None else [])]
 
     return {
         "container_gates": [gate(g) for g in rs.container_gates],
@@ -71,7 +73,8 @@ def decode(doc: dict[str, Any]) -> Ruleset:
                        deny_v6=_hex_blocks(6, s.get("deny_v6", ""))) for s in doc["sources"]]
 
     def gate(g: list[Any]) -> Gate:
-        return Gate(g[0], PortRange(g[1], g[2]), sources[g[3]], g[4], g[5])
+        return Gate(g[0], PortRange(g[1], g[2]), sources[g[3]], g[4], g[5],
+                    ipaddress.ip_address(g[6]) if len(g) > 6 else None)
 
     host = doc["host"]
     return Ruleset(

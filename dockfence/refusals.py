@@ -86,8 +86,8 @@ class Describer:
         if rules.host is not None:
             self.host_by = f"{nft.TAG_HOST} | {rules.host.origin}"
         for g in rules.container_gates:
-            stem = nft.gate_name(f"{g.proto}_ports", str(g.ports))
-            self.names[f"{stem}_refused"] = (f"{g.label} (host port {g.ports})", g.origin)
+            self.names[f"{nft.gate_stem(g)}_refused"] = (f"{g.label} (host port {g.where()})",
+                                                         g.origin)
         for g in rules.host.gates if rules.host else ():
             stem = nft.gate_name(f"host_{g.proto}", str(g.ports))
             self.names[f"{stem}_refused"] = (f"host port {g.ports}/{g.proto}", g.origin)

@@ -28,7 +28,7 @@ from .backends import netlink
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError
-from .incremental import Chains, ElementUpdate, element_update, list_update
+from .incremental import Chains, ElementUpdate, closed_meanwhile, element_update, list_update
 from .model import Container, Inventory, Ruleset
 from .policy import Policy, load
 from .stamp import Stamp, inventory_digest
@@ -339,6 +339,7 @@ class Watcher:
         update = element_update(g.ruleset, rs, g.chains, stamp, g.rendered)
         if update is None:
             self.pending = f"{what}: the table's shape changes"
+            self._close_meanwhile(g, rs, what)
             self._full(self.pending)
             return
         done = time.monotonic()
@@ -430,6 +431,29 @@ class Watcher:
         self.report(f"{what}: updated the elements of {', '.join(sets)} in "
                     f"{(time.monotonic() - started) * 1000:.0f} ms")
         self.revocations.put((what, old, rs, inv))  # flows from addresses a list dropped
+
+    def _close_meanwhile(self, g: Guard, rs: Ruleset, what: str) -> None:
+        """Before a full apply: a port newly published on one host address must not take the
+        allow-list of the port's gate on every address meanwhile (see closed_meanwhile). Not
+        recorded: it only narrows, and the full apply right after replaces it."""
+        interim = closed_meanwhile(g.ruleset, rs)
+        update = None if interim is None else element_update(g.ruleset, interim, g.chains,
+                                                             None, g.rendered)
+        if not update:
+            return
+        try:
+            with engine.host_lock(LOCK_WAIT):
+                if netlink.table_handle(nft.TABLE) == g.handle:
+                    netlink.commit(nft.TABLE, update.ops)
+        except (DockfenceError, OSError) as exc:
+            self.report(f"{what}: cannot close the port meanwhile: {exc}")
+            return
+        assert interim is not None
+        closed = [f"{o.where()}/{o.proto}" for o, n in zip(g.ruleset.container_gates,
+                                                            interim.container_gates, strict=True)
+                  if o is not n]
+        self.report(f"{what}: new connections to port {', '.join(closed)} refused until the "
+                    "full apply lands")
 
     def _revoke(self) -> None:
         while True:

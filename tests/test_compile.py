@@ -95,7 +95,9 @@ def test_no_host_section_leaves_host_alone() -> None:
     assert explain(rs, inv, ip("198.51.100.99"), 22).verdict is None
 
 
-def test_one_host_port_two_containers_two_allow_lists_is_refused() -> None:
+def test_one_host_port_two_host_addresses_two_allow_lists() -> None:
+    """Keyed on host address and port when Docker published on one address (more in
+    test_addressed.py); on every address of a family, one allow-list per port."""
     inv = Inventory(
         containers=(
             Container("a", "a", None, (Binding("tcp", "203.0.113.1", 8081, 80),)),
@@ -105,10 +107,19 @@ def test_one_host_port_two_containers_two_allow_lists_is_refused() -> None:
     text = (
         "version: 1\ncontainers:\n  allow:\n    - container: a\n      port: 80\n      from: any\n"
     )
+    rs = compile_policy(policy.parse(text, "p.yaml"), inv)
+    assert [(str(g.host), g.sources.any) for g in rs.container_gates] == [
+        ("198.51.100.1", False), ("203.0.113.1", True)]
+    wildcard = Inventory(
+        containers=(
+            Container("a", "a", None, (Binding("tcp", "0.0.0.0", 8081, 80),)),
+            Container("b", "b", None, (Binding("tcp", "::", 8081, 80),)),
+        )
+    )
     with pytest.raises(OperationalError, match="host port 8081/tcp"):
-        compile_policy(policy.parse(text, "p.yaml"), inv)
+        compile_policy(policy.parse(text, "p.yaml"), wildcard)
     same = text + "    - container: b\n      port: 80\n      from: any\n"
-    rs = compile_policy(policy.parse(same, "p.yaml"), inv)
+    rs = compile_policy(policy.parse(same, "p.yaml"), wildcard)
     assert gate(rs, "tcp", 8081).sources.any
 
 

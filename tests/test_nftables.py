@@ -39,6 +39,22 @@ CASES = {
         "    - {container: postgres, port: 5432, from: 198.51.100.64/30, except: 198.51.100.65}\n",
         scenario(),
     ),
+    # two containers on one port of two host addresses, both families, two allow-lists; one
+    # that no rule names (the default, on its address); a bare host-port rule on every address
+    "addressed": (
+        "version: 1\nlists:\n  office: [203.0.113.0/28, '2001:db8:1::/64']\n"
+        "containers:\n  allow:\n    - {container: a, port: 443, from: office}\n"
+        "    - {container: b, port: 443, from: 198.51.100.7}\n"
+        "    - {host_port: 53/udp, from: any}\n",
+        Inventory(containers=(
+            Container("a", "a", None, (Binding("tcp", "203.0.113.1", 443, 443),
+                                       Binding("tcp", "2001:db8::1", 443, 443))),
+            Container("b", "b", None, (Binding("tcp", "203.0.113.2", 443, 443),
+                                       Binding("tcp", "2001:db8::2", 443, 443))),
+            Container("c", "c", None, (Binding("tcp", "203.0.113.3", 443, 443),
+                                       Binding("udp", "203.0.113.3", 53, 53))),
+        )),
+    ),
 }
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("nft"),

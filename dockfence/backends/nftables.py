@@ -6,7 +6,9 @@ and lets Docker's own chains (iptables or Docker 29's nftables) decide as before
 
 Paths covered:
 - forward: traffic Docker DNATed to a container is matched on the conntrack *original*
-  destination port (the host port the user published), never on the container port;
+  destination port (the host port the user published), never on the container port; a port
+  published on a specific host address is matched on the original destination address and
+  port first (maps `addr_v4_tcp` etc., present only while such ports exist);
   new connections to a container that were not DNATed (direct routing) are dropped;
 - input: the same host ports when docker-proxy serves them (IPv6 to an IPv4-only container);
 - input: the host's own ports, when the policy has a `host:` section;
@@ -100,6 +102,24 @@ def gate_name(map_name: str, key: str) -> str:
     `host_tcp_22`, `direct_v6_tcp_2001_db8__2_80`. Derived from what the key holds, so status
     finds a port's counters without reading the chains."""
     return f"{map_name}_{_NAME_UNSAFE.sub('_', key.replace(' . ', '_'))}"
+
+
+def addr_map(version: int, proto: str) -> str:
+    """The map of the gates keyed on a host address and port: `addr_v4_tcp`."""
+    return f"addr_v{version}_{proto}"
+
+
+def gate_map_key(g: Gate) -> tuple[str, str]:
+    """(map, key as nft writes it) of a container gate: `tcp_ports`, `8080` or
+    `addr_v4_tcp`, `203.0.113.1 . 443`."""
+    if g.host is None:
+        return f"{g.proto}_ports", str(g.ports)
+    return addr_map(g.host.version, g.proto), f"{g.host} . {g.ports.first}"
+
+
+def gate_stem(g: Gate) -> str:
+    """The chain and counter stem of a container gate (see gate_name)."""
+    return gate_name(*gate_map_key(g))
 
 
 def refuse(counter: str, text: str, match: str = "", why: str = "") -> str:
@@ -261,6 +281,11 @@ class _Renderer:
         self.verdict_map(name, "inet_service", True,
                          [(str(g.ports), comment(g.label, g.origin), g.sources) for g in gates])
 
+    def addr_map(self, name: str, addr_type: str, gates: list[Gate]) -> None:
+        self.verdict_map(name, f"{addr_type} . inet_service", False,
+                         [(gate_map_key(g)[1], comment(g.label, g.origin), g.sources)
+                          for g in gates])
+
     def direct_map(self, name: str, addr_type: str, gates: list[DirectGate]) -> None:
         self.verdict_map(name, f"{addr_type} . inet_service", False,
                          [(f"{g.address} . {g.port}", comment(g.label, g.origin), g.sources)
@@ -308,6 +333,12 @@ def _loopback_guard() -> list[str]:
     ]
 
 
+def has_addressed(rs: Ruleset) -> bool:
+    """Does the table need the maps keyed on host address and port? Only while some port is
+    published on a specific host address: a host without one gets the table it always had."""
+    return any(g.host is not None for g in rs.container_gates)
+
+
 def render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
            counts: dict[str, int] | None = None) -> str:
     """The whole table as one `nft -f` transaction that replaces any previous version of it.
@@ -340,7 +371,15 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
                 f"\tlimit {LOG_LIMIT} {{", f"\t\trate {LOG_RATE}", "\t}"]
     r.shared_chains(allow_chains(rs))
     for proto in PROTOS:
-        r.port_map(f"{proto}_ports", [g for g in rs.container_gates if g.proto == proto])
+        r.port_map(f"{proto}_ports", [g for g in rs.container_gates
+                                      if g.proto == proto and g.host is None])
+    addressed = has_addressed(rs)
+    if addressed:
+        for _, _, addr_type, version in _DIRECT_MAPS:
+            for proto in PROTOS:
+                r.addr_map(addr_map(version, proto), addr_type,
+                           [g for g in rs.container_gates if g.proto == proto
+                            and g.host is not None and g.host.version == version])
     if rs.host is not None:
         for proto in PROTOS:
             r.port_map(f"host_{proto}", [g for g in rs.host.gates if g.proto == proto])
@@ -368,7 +407,11 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         '\t\tiifname "lo" accept',
         *scope,
         # Gated ports first, whichever bridge they lead to: a container recreated on a network
-        # that appeared after the last apply keeps its allow-list.
+        # that appeared after the last apply keeps its allow-list. A port published on one
+        # host address is keyed on that address first.
+        *(f"\t\tct status dnat meta l4proto {proto} ct original {match} daddr . "
+          f"ct original proto-dst vmap @{addr_map(version, proto)}"
+          for proto in (PROTOS if addressed else ()) for _, match, _, version in _DIRECT_MAPS),
         "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
         "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
         # Fail closed: Docker's DNAT only rewrites traffic addressed to the host itself, so a
@@ -389,6 +432,8 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         "\t\tct state established,related accept",
         '\t\tiifname "lo" accept',
         *scope,
+        *(f"\t\t{match} daddr . {proto} dport vmap @{addr_map(version, proto)}"
+          for proto in (PROTOS if addressed else ()) for _, match, _, version in _DIRECT_MAPS),
         "\t\ttcp dport vmap @tcp_ports",
         "\t\tudp dport vmap @udp_ports",
     ]
@@ -444,13 +489,20 @@ def unban_commands(net: IPNetwork) -> str:
 
 
 def gated_ports() -> dict[str, list[tuple[int, int]]]:
-    """The published host ports the live table gates, per protocol (two small maps)."""
+    """The published host ports the live table gates, per protocol, on any host address (a
+    few small maps)."""
     out: dict[str, list[tuple[int, int]]] = {}
     for proto in PROTOS:
-        proc = run(["nft", "-j", "list", "map", FAMILY, TABLE, f"{proto}_ports"], check=False)
-        docs = json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []
-        out[proto] = [(p.first, p.last) for obj in docs for key, _ in obj.get("map", {}).get(
-            "elem", []) for p in [_ports(_key(key)[0])]]
+        out[proto] = []
+        for name in (f"{proto}_ports", addr_map(4, proto), addr_map(6, proto)):
+            proc = run(["nft", "-j", "list", "map", FAMILY, TABLE, name], check=False)
+            docs = json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []
+            for obj in docs:
+                for key, _ in obj.get("map", {}).get("elem", []):
+                    val = _key(key)[0]
+                    p = _ports(val["concat"][1] if isinstance(val, dict) and "concat" in val
+                               else val)
+                    out[proto].append((p.first, p.last))
     return out
 
 
@@ -601,7 +653,8 @@ def _listed(rs: Ruleset) -> tuple[Any, ...]:
                 comment(", ".join(s.names)) if named else None)
 
     def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
-        return tuple((g.proto, g.ports, src(g.sources), comment(g.label, g.origin)) for g in gs)
+        return tuple((g.proto, g.ports, g.host, src(g.sources), comment(g.label, g.origin))
+                     for g in sorted(gs, key=_gate_order))
 
     return (gates(rs.container_gates), rs.unknown_published,
             comment(TAG_UNKNOWN, rs.unknown_origin), rs.outside, tuple(sorted(rs.docker_bridges)),
@@ -609,6 +662,13 @@ def _listed(rs: Ruleset) -> tuple[Any, ...]:
                   for d in rs.direct),
             None if rs.host is None else (gates(rs.host.gates), rs.host.default,
                                           comment(TAG_HOST, rs.host.origin)))
+
+
+def _gate_order(g: Gate) -> tuple[int, int, str, PortRange]:
+    """Port gates first, then by address; per protocol as parse_live lists them."""
+    host = g.host
+    return (0 if host is None else host.version, 0 if host is None else int(host), g.proto,
+            g.ports)
 
 
 def same_table(live: Ruleset, desired: Ruleset) -> bool:
@@ -740,6 +800,16 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
             out.append(Gate(proto, _ports(val), sources_of(verdict), label, origin))  # type: ignore[arg-type]
         return sorted(out, key=lambda g: g.ports)
 
+    def addressed(version: int, proto: str) -> list[Gate]:
+        out = []
+        for key, verdict in maps.get(addr_map(version, proto), []):
+            val, (label, origin) = _key(key)
+            address, port = val["concat"]
+            host = ipaddress.ip_address(address)
+            out.append(Gate(proto, PortRange(int(port), int(port)),  # type: ignore[arg-type]
+                            sources_of(verdict), label, origin, host))
+        return sorted(out, key=_gate_order)
+
     def direct(map_name: str, proto: str) -> list[DirectGate]:
         out = []
         for key, verdict in maps.get(map_name, []):
@@ -776,7 +846,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         host = HostRules(tuple(gates("host_tcp", "tcp") + gates("host_udp", "udp")),
                          host_default[0], host_default[1])
     return Ruleset(
-        container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp")),
+        container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp") + [
+            g for proto in PROTOS for v in (4, 6) for g in addressed(v, proto)]),
         unknown_published=unknown[0],
         unknown_origin=unknown[1],
         outside=outside(),
