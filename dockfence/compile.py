@@ -150,11 +150,22 @@ def _segments(claims: list[_Claim]) -> list[Gate]:
     for proto in PROTOS:
         mine = [c for c in claims if c.proto == proto and c.host is None]
         cuts = sorted({c.ports.first for c in mine} | {c.ports.last + 1 for c in mine})
+        # A sweep over the cuts: the claims covering a segment are those begun and not yet
+        # ended (every claim starts and ends on a cut), kept in the policy's order. Watch
+        # compiles on every event: a thousand ports under one range rule stay linear.
+        starts = sorted(range(len(mine)), key=lambda i: mine[i].ports.first)
+        active: dict[int, _Claim] = {}
+        nxt = 0
         for lo, hi in itertools.pairwise(cuts):
-            seg = PortRange(lo, hi - 1)
-            covering = [c for c in mine if c.ports.overlaps(seg)]
-            if not covering:
+            while nxt < len(starts) and mine[starts[nxt]].ports.first <= lo:
+                active[starts[nxt]] = mine[starts[nxt]]
+                nxt += 1
+            for i in [i for i, c in active.items() if c.ports.last < lo]:
+                del active[i]
+            if not active:
                 continue
+            seg = PortRange(lo, hi - 1)
+            covering = [active[i] for i in sorted(active)]
             sources, chosen = _segment_sources(seg, covering)
             label = "; ".join(dict.fromkeys(c.label for c in covering if not c.bare)) \
                 or chosen[0].label

@@ -5,6 +5,7 @@ Nothing here touches the host; every type is immutable so compiled rulesets can 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -237,6 +238,14 @@ def show_network(n: IPNetwork) -> str:
 
 # --- inventory: what Docker runs -------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1024)  # a host has a few host addresses and many bindings
+def _host_ip(text: str) -> tuple[IPAddress, IPAddress | None]:
+    """A binding's host address as Docker wrote it, and the one address it names (None for
+    0.0.0.0 and ::), rebuilt from its number: canonical, and without an IPv6 scope (`%eth0`)."""
+    address = ipaddress.ip_address(text)
+    return address, None if address.is_unspecified else type(address)(int(address))
+
+
 @dataclass(frozen=True)
 class Binding:
     """One published port: host address:port -> container port, or, on a network in Docker's
@@ -249,19 +258,17 @@ class Binding:
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.host_ip).version
+        return _host_ip(self.host_ip)[0].version
 
     @property
     def loopback_only(self) -> bool:
-        return ipaddress.ip_address(self.host_ip).is_loopback
+        return _host_ip(self.host_ip)[0].is_loopback
 
     @property
     def host_address(self) -> IPAddress | None:
         """The one host address the port is published on; None when published on every
         address of its family (0.0.0.0, ::)."""
-        address = ipaddress.ip_address(self.host_ip)
-        # rebuilt from its number: canonical, and without an IPv6 scope (`%eth0`)
-        return None if address.is_unspecified else type(address)(int(address))
+        return _host_ip(self.host_ip)[1]
 
     def host_endpoint(self) -> str:
         ip, port = self.host_ip, self.host_port
