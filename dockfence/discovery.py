@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from . import dockerapi
 from .errors import OperationalError
+from .labels import MAX_LABELS, MAX_VALUE, PREFIX
 from .model import Binding, Container, Inventory
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -88,8 +89,6 @@ def container_of(attrs: dict[str, Any],
 def dockfence_labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """The `dockfence.*` labels, bounded in number and size (one past each limit, so that
     dockfence.labels can say a limit was passed), sorted so inventories compare equal."""
-    from .labels import MAX_LABELS, MAX_VALUE, PREFIX
-
     found = sorted((k[:200], v[:MAX_VALUE + 1]) for k, v in labels.items()
                    if isinstance(k, str) and isinstance(v, str) and k.startswith(PREFIX))
     return tuple(found[:MAX_LABELS + 1])

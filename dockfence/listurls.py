@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OperationalError
+from .model import LIST_NAME_RE
 from .statedir import state_dir
 
-LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 MAX_URL = 2048
 TIMEOUT = 10.0  # seconds per connect or read
 TOTAL = 60.0  # seconds for the whole download
