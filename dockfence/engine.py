@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import bans, counters, discovery, listfiles, record, state, statedir
+from . import discovery, listfiles, record, state, statedir
 from .backends import nftables as nft
 from .errors import OperationalError, UsageError
 from .model import (
@@ -28,14 +28,11 @@ from .model import (
 from .run import run
 from .stamp import Stamp, inventory_digest
 
-# The no-op apply needs none of the policy validator (pydantic), compiler, explainer or diff:
-# they load when a policy is parsed.
+# The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
+# diff, bans or counters: each loads where it is used.
 if TYPE_CHECKING:
-    from . import policy
+    from . import bans, counters, policy
     from .plan import Change
-
-if TYPE_CHECKING:
-    pass
 
 
 class LockoutError(UsageError):
@@ -224,6 +221,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
 def load(table: str) -> None:
     """The one place a whole table is handed to the kernel: one atomic transaction. Bans are
     not the policy's: the rebuilt table carries them over from their record."""
+    from . import bans
+
     nft.apply_text(nft.transaction(table) + bans.elements(bans.load(), time.time()))
 
 
@@ -250,6 +249,8 @@ def _restore(previous: str | None, existed: bool) -> None:
 def ban(target: str, seconds: int | None, reason: str = "", force: bool = False) -> int:
     """Ban an address or network: recorded (it survives re-apply and restore), then added to
     the live table, then its established flows to containers are cut. Returns how many."""
+    from . import bans
+
     net = bans.parse_target(target)
     client = (os.environ.get("SSH_CONNECTION") or "").split()[:1]
     if client and not force:
@@ -271,6 +272,8 @@ def ban(target: str, seconds: int | None, reason: str = "", force: bool = False)
 
 def unban(target: str) -> bool:
     """Lift a ban (recorded and live). False when it was not banned."""
+    from . import bans
+
     net = bans.parse_target(target)
     with host_lock(wait=30):
         current = bans.load()
@@ -286,6 +289,8 @@ def unban(target: str) -> bool:
 
 def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban | None:
     """The recorded ban that covers this address, if any."""
+    from . import bans
+
     for b in bans.load():
         if address in ipaddress.ip_network(b.network):
             return b
@@ -294,6 +299,8 @@ def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban |
 
 def current_bans() -> list[dict[str, object]]:
     """Bans in force: the record, with what the kernel says is left of each."""
+    from . import bans
+
     live = nft.live_bans()
     now = time.time()
     out: list[dict[str, object]] = []
@@ -523,6 +530,8 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
 def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
                  counts: dict[str, int] | None = None,
                  memo: dict[tuple[int, ...], list[str]] | None = None) -> PortStatus:
+    from . import counters
+
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -566,6 +575,8 @@ def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
 def status(networks: bool = True) -> Status:
     """What the kernel enforces now, for every published port Docker reports; with every
     allowed network written out (PortStatus.sources) only if `networks`."""
+    from . import counters
+
     inv = discovery.inventory()
     live = live_rules()
     counts = (nft.live_counters() or {}) if live else {}
