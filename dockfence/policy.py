@@ -63,17 +63,12 @@ _Port = Annotated[
     Annotated[int, Meta(extra_json_schema={"minimum": 1, "maximum": 65535})]
     | Annotated[str, Meta(extra_json_schema={"pattern": r"^\d{1,5}(-\d{1,5})?(/(tcp|udp))?$"})],
     Meta(description="8080, 8080/tcp or 8000-8100/udp (tcp when no protocol is given)")]
-_From = Annotated[
-    list[str | int] | str | int,
-    Meta(description="list names, addresses, CIDRs, or `any`; an empty list admits nobody",
-         extra_json_schema={"anyOf": [{"type": "string"},
-                                      {"type": "array", "items": {"type": "string"}}]})]
-_Except = Annotated[
-    list[str | int] | str | int,
-    Meta(description="list names, addresses or CIDRs this rule refuses although `from` names "
-                     "them (a deny list: `from: any` with `except: [abusers]`)",
-         extra_json_schema={"anyOf": [{"type": "string"},
-                                      {"type": "array", "items": {"type": "string"}}]})]
+_Entries = list[str | int] | str | int
+_From = Annotated[_Entries, Meta(
+    description="list names, addresses, CIDRs, or `any`; an empty list admits nobody")]
+_Except = Annotated[_Entries, Meta(
+    description="list names, addresses or CIDRs this rule refuses although `from` names them "
+                "(a deny list: `from: any` with `except: [abusers]`)")]
 _Default = Annotated[Literal["deny", "allow"],
                      Meta(description="what happens to connections no rule allows")]
 
@@ -131,11 +126,11 @@ class _ListSource(_Strict):
     url: Annotated[str, Meta(
         description="where the list is downloaded from (http or https): one address or CIDR "
                     "per line", extra_json_schema={"pattern": "^https?://"})] | UnsetType = UNSET
-    refresh: Annotated[int | str, Meta(
-        description="how old the saved copy may get before apply downloads it again "
-                    "(default 1d)",
-        extra_json_schema={"anyOf": [{"type": "string", "pattern": r"^\d+[smhdw]?$"},
-                                     {"type": "integer", "minimum": 60}]})] | UnsetType = UNSET
+    refresh: Annotated[
+        Annotated[int, Meta(extra_json_schema={"minimum": 60})]
+        | Annotated[str, Meta(extra_json_schema={"pattern": r"^\d+[smhdw]?$"})],
+        Meta(description="how old the saved copy may get before apply downloads it again "
+                         "(default 1d)")] | UnsetType = UNSET
 
 
 _ListValue = list[str] | _ListSource
