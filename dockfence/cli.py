@@ -4,7 +4,6 @@ failure, 2 invalid policy or usage; nothing is changed on any failure."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import select
@@ -13,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
 from functools import wraps
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +20,8 @@ import click
 from .errors import DockfenceError, UsageError
 
 # Every command imports what it needs when it runs: `--help` and `check` never load the rule
-# engine or rich, and only commands that ask Docker load the Docker client.
+# engine or rich, and only commands that ask Docker load the Docker client. (`--help` does not
+# even load dataclasses or ipaddress: tests/test_cli.py.)
 if TYPE_CHECKING:
     from . import engine
     from .plan import Change
@@ -305,6 +304,8 @@ def log_cmd(follow: bool, as_json: bool) -> None:
 @_errors
 def status(as_json: bool) -> None:
     """What is enforced now: every published port and who may reach it."""
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from . import engine
@@ -372,6 +373,9 @@ def _count(n: int | None) -> str:
 @_errors
 def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_json: bool) -> None:
     """Would SOURCE get through to PORT[/PROTO]? The verdict and the policy line that decided."""
+    import ipaddress
+    from dataclasses import replace
+
     from . import engine
     from .explain import explain as explain_verdict
     from .explain import parse_port_arg

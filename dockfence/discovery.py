@@ -103,6 +103,8 @@ def bridge_name(net: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class Daemon:
+    """What doctor needs to know about the Docker daemon."""
+
     version: str
     firewall_backend: str | None  # None: the Engine does not report it (before 28.1)
     ipv6_networks: tuple[str, ...]
@@ -194,6 +196,8 @@ class DockerLink:
 
 @dataclass(frozen=True)
 class Event:
+    """A Docker event that can change the inventory."""
+
     kind: str  # container | network
     action: str
     id: str  # the container's id (for network connect/disconnect too), or the network's

@@ -61,6 +61,8 @@ def host_lock(wait: float = 0.0) -> Iterator[None]:
 
 @dataclass
 class Plan:
+    """What apply would do (or did), against the live table."""
+
     policy: policy.Policy | None  # None: nothing changed, so the policy was not even parsed
     inventory: Inventory
     desired: Ruleset | None  # None with policy
@@ -351,6 +353,8 @@ def remove() -> bool:
 
 @dataclass(frozen=True)
 class Flow:
+    """One conntrack entry, as far as revocation needs it."""
+
     proto: str
     src: str
     dst: str
@@ -471,6 +475,8 @@ def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | No
 
 @dataclass(frozen=True)
 class PortStatus:
+    """One published port in `status`: who may reach it and what was counted."""
+
     container: str
     host: str  # host address:port
     container_port: str  # "8080/tcp"
@@ -498,6 +504,8 @@ def _networks(sources: Sources, memo: dict[tuple[int, ...], list[str]] | None,
 
 @dataclass
 class Status:
+    """What `status` shows: the kernel's rules for what Docker publishes."""
+
     installed: bool
     ports: list[PortStatus]
     host_rules: list[tuple[str, str, str]]  # (port, who, decided_by)

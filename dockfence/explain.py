@@ -10,6 +10,8 @@ from .model import Inventory, PortRange, Proto, Ruleset, Sources, Verdict, find_
 
 @dataclass(frozen=True)
 class Explanation:
+    """Would a source get through to a port, and which policy line decided."""
+
     source: str
     port: int
     proto: str

@@ -75,6 +75,8 @@ def parse_refresh(value: object) -> int:
 
 @dataclass(frozen=True)
 class ListURL:
+    """A list the policy downloads, and how often."""
+
     name: str  # validated against LIST_NAME_RE: it names files in the state directory
     url: str
     refresh: int = DEFAULT_REFRESH  # seconds

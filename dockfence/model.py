@@ -30,6 +30,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True, order=True)
 class PortRange:
+    """A port or an inclusive range of ports."""
+
     first: int
     last: int
 
@@ -285,6 +287,8 @@ class Binding:
 
 @dataclass(frozen=True)
 class Container:
+    """A running container, as far as the rules depend on it."""
+
     name: str
     id: str
     service: str | None = None  # com.docker.compose.service
@@ -302,6 +306,8 @@ class Container:
 
 @dataclass(frozen=True)
 class Inventory:
+    """What Docker runs now: containers, bridges and the firewall backend."""
+
     containers: tuple[Container, ...] = ()
     bridges: tuple[str, ...] = ()  # interface names of Docker's bridge networks
     firewall_backend: str = "iptables"
@@ -374,6 +380,8 @@ def find_gate(gates: Iterable[Gate], proto: str, port: int | None) -> Gate | Non
 
 @dataclass(frozen=True)
 class HostRules:
+    """The host's own ports: one gate per rule, and what happens to the rest."""
+
     gates: tuple[Gate, ...]
     default: Verdict
     origin: str

@@ -246,6 +246,8 @@ def _list_error(data: Any) -> tuple[tuple[str | int, ...], str]:
 
 @dataclass(frozen=True)
 class HostRule:
+    """Who may reach one of the host's own ports."""
+
     port: PortSpec
     sources: Sources
     line: int
@@ -253,6 +255,8 @@ class HostRule:
 
 @dataclass(frozen=True)
 class ContainerRule:
+    """Who may reach a container's port, or a published host port."""
+
     container: str | None
     port: PortSpec | None  # the container's own port
     host_port: PortSpec | None
@@ -266,6 +270,8 @@ class ContainerRule:
 
 @dataclass(frozen=True)
 class Policy:
+    """A validated policy: rules with their sources and lines."""
+
     path: str
     interfaces: tuple[str, ...] | None
     host_default: Verdict | None  # None: no host section, the host's own ports are left alone

@@ -89,7 +89,8 @@ def _modules_after(code: str, tmp_path: Path) -> set[str]:
 
 def test_help_loads_no_engine_validator_or_output_library(tmp_path: Path) -> None:
     loaded = _modules_after("from dockfence.cli import main", tmp_path)
-    assert not loaded & (HEAVY | {"dockfence.engine", "dockfence.policy", "dockfence.discovery"})
+    assert not loaded & (HEAVY | {"dockfence.engine", "dockfence.policy", "dockfence.discovery",
+                                  "dataclasses"})
 
 
 NO_OP_APPLY = """
