@@ -216,8 +216,9 @@ def _explain(message: str, data: Any, prefix: tuple[str | int, ...] = (),
         return loc, f"missing required key {_dotted((*loc, missing[1]))!r}"
     if m and m["inside"]:  # `key` in ...: located_yaml makes every key text; never expected
         return loc, "a key is a plain word"
-    hint = _HINTS.get(f"{loc[-2]}[]" if len(loc) > 1 and isinstance(loc[-1], int)
-                      else str(loc[-1])) if loc else None
+    # the field's hint; `steps`, not `loc`: a list's name is the policy's, never a field
+    hint = _HINTS.get(f"{steps[-2]}[]" if len(steps) > 1 and isinstance(steps[-1], int)
+                      else str(steps[-1])) if steps else None
     if hint:
         return loc, f"{_dotted(loc)}: {hint}"
     if expected := _EXPECTED.match(what):
