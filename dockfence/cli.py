@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .console import err, escape, out
 from .errors import DockfenceError, UsageError
 
 # Every command imports what it needs when it runs: `--help` and `check` never load the rule
@@ -27,37 +28,6 @@ if TYPE_CHECKING:
     from .plan import Change
 
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
-
-
-class _LazyConsole:
-    """A rich Console made on first use (rich costs ~25 ms of imports)."""
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._console: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console
-
-            options = dict(self._options)
-            if not options.pop("stderr", False):
-                # Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
-                options.setdefault("width", None if sys.stdout.isatty() else 160)
-            else:
-                options["stderr"] = True
-            self._console = Console(**options)
-        return getattr(self._console, name)
-
-
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
-
-
-out = _LazyConsole(highlight=False, emoji=False)
-err = _LazyConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
