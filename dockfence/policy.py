@@ -29,11 +29,8 @@ MAX_POLICY_BYTES = 8 * 1024 * 1024
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
-__all__ = ["LIST_NAME_RE", "ContainerRule", "HostRule", "Policy", "json_schema", "load", "parse",
-           "parse_network", "parse_port", "read"]
-
 parse_network = addresses.parse_network  # an address or CIDR, host bits clear
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 _PORT_HINT = "a port is written 8080, 8080/tcp or 8000-8100/udp"
 _IFNAME_HINT = ("not an interface name (1-15 characters: letters, digits, _ . @ -, "
@@ -354,7 +351,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
     def fail(loc: tuple[str | int, ...], message: object) -> PolicyError:
         return PolicyError(path, doc.line(loc), f"{_dotted(loc)}: {message}", doc.value(loc))
 
-    def checked(check: Callable[[Any], T], value: object, loc: tuple[str | int, ...]) -> T:
+    def checked(check: Callable[[Any], _T], value: object, loc: tuple[str | int, ...]) -> _T:
         try:
             return check(value)
         except ValueError as exc:
