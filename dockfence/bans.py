@@ -52,6 +52,8 @@ def parse_target(text: str) -> IPNetwork:
 
 @dataclass(frozen=True)
 class Ban:
+    """One recorded ban."""
+
     network: str  # as shown: 203.0.113.5 or 203.0.113.0/24
     expires: float | None  # epoch seconds; None: until unbanned
     reason: str = ""

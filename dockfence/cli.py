@@ -4,7 +4,6 @@ failure, 2 invalid policy or usage; nothing is changed on any failure."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import select
@@ -13,52 +12,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
 from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from .console import err, escape, out
 from .errors import DockfenceError, UsageError
 
 # Every command imports what it needs when it runs: `--help` and `check` never load the rule
-# engine or rich, and only commands that ask Docker load the Docker client.
+# engine or rich, and only commands that ask Docker load the Docker client. (`--help` does not
+# even load dataclasses or ipaddress: tests/test_cli.py.)
 if TYPE_CHECKING:
     from . import engine
     from .plan import Change
 
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
-
-
-class _LazyConsole:
-    """A rich Console made on first use (rich costs ~25 ms of imports)."""
-
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._console: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._console is None:
-            from rich.console import Console
-
-            options = dict(self._options)
-            if not options.pop("stderr", False):
-                # Piped output (logs, CI) gets a wide fixed width instead of rich's 80 columns.
-                options.setdefault("width", None if sys.stdout.isatty() else 160)
-            else:
-                options["stderr"] = True
-            self._console = Console(**options)
-        return getattr(self._console, name)
-
-
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
-
-
-out = _LazyConsole(highlight=False, emoji=False)
-err = _LazyConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -307,6 +276,8 @@ def log_cmd(follow: bool, as_json: bool) -> None:
 @_errors
 def status(as_json: bool) -> None:
     """What is enforced now: every published port and who may reach it."""
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from . import engine
@@ -374,6 +345,9 @@ def _count(n: int | None) -> str:
 @_errors
 def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_json: bool) -> None:
     """Would SOURCE get through to PORT[/PROTO]? The verdict and the policy line that decided."""
+    import ipaddress
+    from dataclasses import replace
+
     from . import engine
     from .explain import explain as explain_verdict
     from .explain import parse_port_arg

@@ -15,6 +15,8 @@ from .model import DirectGate, Gate, Ruleset, Verdict
 
 @dataclass(frozen=True)
 class Count:
+    """New connections allowed and refused since the last apply."""
+
     allowed: int
     refused: int
 

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from . import dockerapi
 from .errors import OperationalError
+from .labels import MAX_LABELS, MAX_VALUE, PREFIX
 from .model import Binding, Container, Inventory
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -89,8 +90,6 @@ def container_of(attrs: dict[str, Any],
 def dockfence_labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """The `dockfence.*` labels, bounded in number and size (one past each limit, so that
     dockfence.labels can say a limit was passed), sorted so inventories compare equal."""
-    from .labels import MAX_LABELS, MAX_VALUE, PREFIX
-
     found = sorted((k[:200], v[:MAX_VALUE + 1]) for k, v in labels.items()
                    if isinstance(k, str) and isinstance(v, str) and k.startswith(PREFIX))
     return tuple(found[:MAX_LABELS + 1])
@@ -105,6 +104,8 @@ def bridge_name(net: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class Daemon:
+    """What doctor needs to know about the Docker daemon."""
+
     version: str
     firewall_backend: str | None  # None: the Engine does not report it (before 28.1)
     ipv6_networks: tuple[str, ...]
@@ -196,6 +197,8 @@ class DockerLink:
 
 @dataclass(frozen=True)
 class Event:
+    """A Docker event that can change the inventory."""
+
     kind: str  # container | network
     action: str
     id: str  # the container's id (for network connect/disconnect too), or the network's

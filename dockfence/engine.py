@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import bans, counters, discovery, listfiles, record, state, statedir
+from . import discovery, listfiles, record, state, statedir
 from .backends import nftables as nft
 from .errors import OperationalError, UsageError
 from .model import (
@@ -28,14 +28,11 @@ from .model import (
 from .run import run
 from .stamp import Stamp, inventory_digest
 
-# The no-op apply needs none of the policy validator (pydantic), compiler, explainer or diff:
-# they load when a policy is parsed.
+# The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
+# diff, bans or counters: each loads where it is used.
 if TYPE_CHECKING:
-    from . import policy
+    from . import bans, counters, policy
     from .plan import Change
-
-if TYPE_CHECKING:
-    pass
 
 
 class LockoutError(UsageError):
@@ -64,6 +61,8 @@ def host_lock(wait: float = 0.0) -> Iterator[None]:
 
 @dataclass
 class Plan:
+    """What apply would do (or did), against the live table."""
+
     policy: policy.Policy | None  # None: nothing changed, so the policy was not even parsed
     inventory: Inventory
     desired: Ruleset | None  # None with policy
@@ -234,6 +233,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
 def load(table: str) -> None:
     """The one place a whole table is handed to the kernel: one atomic transaction. Bans are
     not the policy's: the rebuilt table carries them over from their record."""
+    from . import bans
+
     nft.apply_text(nft.transaction(table) + bans.elements(bans.load(), time.time()))
 
 
@@ -260,6 +261,8 @@ def _restore(previous: str | None, existed: bool) -> None:
 def ban(target: str, seconds: int | None, reason: str = "", force: bool = False) -> int:
     """Ban an address or network: recorded (it survives re-apply and restore), then added to
     the live table, then its established flows to containers are cut. Returns how many."""
+    from . import bans
+
     net = bans.parse_target(target)
     client = (os.environ.get("SSH_CONNECTION") or "").split()[:1]
     if client and not force:
@@ -281,6 +284,8 @@ def ban(target: str, seconds: int | None, reason: str = "", force: bool = False)
 
 def unban(target: str) -> bool:
     """Lift a ban (recorded and live). False when it was not banned."""
+    from . import bans
+
     net = bans.parse_target(target)
     with host_lock(wait=30):
         current = bans.load()
@@ -296,6 +301,8 @@ def unban(target: str) -> bool:
 
 def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban | None:
     """The recorded ban that covers this address, if any."""
+    from . import bans
+
     for b in bans.load():
         if address in ipaddress.ip_network(b.network):
             return b
@@ -304,6 +311,8 @@ def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban |
 
 def current_bans() -> list[dict[str, object]]:
     """Bans in force: the record, with what the kernel says is left of each."""
+    from . import bans
+
     live = nft.live_bans()
     now = time.time()
     out: list[dict[str, object]] = []
@@ -354,6 +363,8 @@ def remove() -> bool:
 
 @dataclass(frozen=True)
 class Flow:
+    """One conntrack entry, as far as revocation needs it."""
+
     proto: str
     src: str
     dst: str
@@ -474,6 +485,8 @@ def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | No
 
 @dataclass(frozen=True)
 class PortStatus:
+    """One published port in `status`: who may reach it and what was counted."""
+
     container: str
     host: str  # host address:port
     container_port: str  # "8080/tcp"
@@ -501,6 +514,8 @@ def _networks(sources: Sources, memo: dict[tuple[int, ...], list[str]] | None,
 
 @dataclass
 class Status:
+    """What `status` shows: the kernel's rules for what Docker publishes."""
+
     installed: bool
     ports: list[PortStatus]
     host_rules: list[tuple[str, str, str]]  # (port, who, decided_by)
@@ -533,6 +548,8 @@ def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
 def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
                  counts: dict[str, int] | None = None,
                  memo: dict[tuple[int, ...], list[str]] | None = None) -> PortStatus:
+    from . import counters
+
     row = {"container": c.name, "host": b.host_endpoint(),
            "container_port": f"{b.container_port}/{b.proto}"}
     if b.loopback_only:
@@ -576,6 +593,8 @@ def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
 def status(networks: bool = True) -> Status:
     """What the kernel enforces now, for every published port Docker reports; with every
     allowed network written out (PortStatus.sources) only if `networks`."""
+    from . import counters
+
     inv = discovery.inventory()
     live = trusted_live()
     counts = (nft.live_counters() or {}) if live else {}

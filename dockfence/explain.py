@@ -27,6 +27,8 @@ Answer = Verdict | Literal["depends"] | None
 
 @dataclass(frozen=True)
 class Explanation:
+    """Would a source get through to a port, and which policy line decided."""
+
     source: str
     port: int
     proto: str

@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import addresses
-from .model import Container, IPNetwork, PortSpec, Sources
-from .policy import LIST_NAME_RE, Policy, parse_network, parse_port
+from .model import LIST_NAME_RE, Container, IPNetwork, PortSpec, Sources, parse_port
+
+if TYPE_CHECKING:  # discovery reads the limits below: it must not load the policy validator
+    from .policy import Policy
 
 PREFIX = "dockfence."
 ALLOW_PREFIX = "dockfence.allow."
@@ -69,7 +72,7 @@ def _token(token: str, policy: Policy, limit: Sources) -> tuple[list[IPNetwork],
     if LIST_NAME_RE.match(token):
         return [], False, "unknown list name"
     try:
-        net = parse_network(token)
+        net = addresses.parse_network(token)
     except ValueError as exc:
         return [], False, str(exc)
     if not _within(net, limit):

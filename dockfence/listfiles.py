@@ -22,6 +22,8 @@ from .errors import PolicyError
 
 @dataclass(frozen=True)
 class ListFile:
+    """A list the policy reads from a file."""
+
     name: str  # the list's name in the policy
     shown: str  # the path as dockfence shows it: the policy's folder joined with what it wrote
 

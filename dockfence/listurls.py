@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import OperationalError
+from .model import LIST_NAME_RE
 from .statedir import state_dir
 
-LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 MAX_URL = 2048
 TIMEOUT = 10.0  # seconds per connect or read
 TOTAL = 60.0  # seconds for the whole download
@@ -78,6 +75,8 @@ def parse_refresh(value: object) -> int:
 
 @dataclass(frozen=True)
 class ListURL:
+    """A list the policy downloads, and how often."""
+
     name: str  # validated against LIST_NAME_RE: it names files in the state directory
     url: str
     refresh: int = DEFAULT_REFRESH  # seconds
@@ -142,27 +141,17 @@ def due(lu: ListURL, now: float | None = None) -> bool:
     return now - fetched >= lu.refresh and now - tried >= min(lu.refresh, RETRY)
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = MAX_REDIRECTS
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> Any:
-        scheme = urllib.parse.urlsplit(newurl).scheme
-        if scheme not in ("http", "https"):
-            raise urllib.error.HTTPError(newurl, code, f"redirect to a {scheme or 'relative'} "
-                                         "URL refused (http and https only)", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 def fetch(url: str, timeout: float = TIMEOUT, total: float = TOTAL,
           max_bytes: int = MAX_BYTES) -> bytes:
     """The body of a successful answer; FetchError when it fails, is too big or too slow."""
     result: list[bytes | BaseException] = []
     deadline = time.monotonic() + total
 
+    from .download import download  # http.client, urllib.request, ssl: only when downloading
+
     def work() -> None:
         try:
-            result.append(_download(url, timeout, deadline, max_bytes))
+            result.append(download(url, timeout, deadline, max_bytes))
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)
 
@@ -178,44 +167,7 @@ def fetch(url: str, timeout: float = TIMEOUT, total: float = TOTAL,
     raise result[0]
 
 
-def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> bytes:
-    opener = urllib.request.build_opener(_Redirects())
-    request = urllib.request.Request(url, headers={"User-Agent": "dockfence",
-                                                   "Accept": "text/plain"})
-    try:
-        with opener.open(request, timeout=timeout) as resp:
-            kind = resp.headers.get_content_type()
-            if kind in ("text/html", "application/xhtml+xml"):
-                raise FetchError(f"the answer is an HTML page ({kind}), not a list of addresses")
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise FetchError(f"the answer is {int(length):,} bytes, more than the "
-                                 f"{max_bytes:,} a list may have")
-            chunks, size = [], 0
-            while chunk := resp.read1(65536):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FetchError(f"the answer is more than the {max_bytes:,} bytes a list "
-                                     "may have")
-                if time.monotonic() > deadline:
-                    raise FetchError("the answer is arriving too slowly (no complete answer "
-                                     "within the time allowed)")
-                chunks.append(chunk)
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"HTTP {exc.code}: {_said(exc.reason)}") from None
-    except urllib.error.URLError as exc:
-        raise FetchError(f"cannot download: {_said(exc.reason)}") from None
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed answers
-        raise FetchError(f"cannot download: {_said(exc)}") from None
-    except http.client.HTTPException as exc:
-        raise FetchError(f"malformed answer: {_said(repr(exc))}") from None
-    data = b"".join(chunks)
-    if data.lstrip()[:1] == b"<":
-        raise FetchError("the answer looks like HTML or XML, not a list of addresses")
-    return data
-
-
-def _said(what: object, limit: int = 200) -> str:
+def said(what: object, limit: int = 200) -> str:
     """What a server (or the network stack) said, on one line, printable and short: a status
     line's reason is the server's to choose."""
     text = " ".join(str(what).split())

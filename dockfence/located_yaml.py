@@ -58,6 +58,8 @@ class Lines:
 
 @dataclass
 class Located:
+    """Parsed YAML, with the line of every key and list item."""
+
     data: Any
     lines: Lines
 

@@ -17,6 +17,10 @@ from . import addresses
 # Linux interface names: at most 15 bytes, no '/', ':' or white space; a trailing `*` makes a
 # prefix (`wg*`), which nftables matches natively.
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$|^[A-Za-z0-9_.@-]{1,14}\*$")
+# A list's name (`lists: {office: ...}`): a word, so that it never reads as an address, and safe
+# as a file name in the state directory (downloaded lists are saved under it).
+LIST_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
 
 Proto = Literal["tcp", "udp"]
 PROTOS: tuple[Proto, ...] = ("tcp", "udp")
@@ -27,6 +31,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True, order=True)
 class PortRange:
+    """A port or an inclusive range of ports."""
+
     first: int
     last: int
 
@@ -53,6 +59,23 @@ class PortSpec:
 
     def __str__(self) -> str:
         return f"{self.ports}/{self.proto}"
+
+
+def parse_port(value: object) -> PortSpec:
+    """`8080`, `8080/tcp`, `8000-8100/udp` (tcp when no protocol is given), as a policy or a
+    container label writes it; ValueError says what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("a port is written 8080, 8080/tcp or 8000-8100/udp")
+    m = _PORT_RE.match(str(value).strip().lower())
+    if not m:
+        raise ValueError("a port is written 8080, 8080/tcp or 8000-8100/udp")
+    first = int(m.group(1))
+    last = int(m.group(2) or first)
+    if not (1 <= first <= 65535 and 1 <= last <= 65535):
+        raise ValueError("ports are 1 to 65535")
+    if last < first:
+        raise ValueError("a port range goes from low to high")
+    return PortSpec(proto=m.group(3) or "tcp", ports=PortRange(first, last))  # type: ignore[arg-type]
 
 
 def collapse(networks: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -279,6 +302,8 @@ class Binding:
 
 @dataclass(frozen=True)
 class Container:
+    """A running container, as far as the rules depend on it."""
+
     name: str
     id: str
     service: str | None = None  # com.docker.compose.service
@@ -296,6 +321,8 @@ class Container:
 
 @dataclass(frozen=True)
 class Inventory:
+    """What Docker runs now: containers, bridges and the firewall backend."""
+
     containers: tuple[Container, ...] = ()
     bridges: tuple[str, ...] = ()  # interface names of Docker's bridge networks
     firewall_backend: str = "iptables"
@@ -389,6 +416,8 @@ def addressed_gates(gates: Iterable[Gate], proto: str, port: int) -> list[Gate]:
 
 @dataclass(frozen=True)
 class HostRules:
+    """The host's own ports: one gate per rule, and what happens to the rest."""
+
     gates: tuple[Gate, ...]
     default: Verdict
     origin: str

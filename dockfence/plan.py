@@ -14,6 +14,8 @@ ChangeKind = Literal["add", "remove", "change", "keep"]
 
 @dataclass(frozen=True)
 class Change:
+    """One line of a plan: what is added, removed, changed or kept."""
+
     kind: ChangeKind
     subject: str  # "published port tcp 8081 (django 8080/tcp)"
     before: str | None

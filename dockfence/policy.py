@@ -1,187 +1,251 @@
-"""Load and validate a version 1 policy file, with file:line errors for every bad value."""
+"""Load and validate a version 1 policy file, with file:line errors for every bad value.
+
+Two passes. msgspec checks the structure against the Structs below (types, unknown and missing
+keys, the words `deny`/`allow`); `_resolve` then checks every value (ports, names, addresses,
+URLs, durations) where the line of each one is known, and builds the Policy.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    WithJsonSchema,
-)
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from . import addresses, listfiles, listurls, located_yaml
 from .errors import PolicyError
-from .model import IFNAME_RE, PortRange, PortSpec, Sources, Verdict
+from .model import IFNAME_RE, LIST_NAME_RE, PortSpec, Sources, Verdict, parse_port
 
-_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?(?:/(tcp|udp))?$")
 # Docker container names (and compose service names, which are stricter).
 NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-LIST_NAME_RE = listurls.LIST_NAME_RE
 # Bounds what one check costs (well under 2 s at this size); see README, "The policy".
 MAX_POLICY_BYTES = 8 * 1024 * 1024
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
-
-def parse_port(value: object) -> PortSpec:
-    """`8080`, `8080/tcp`, `8000-8100/udp` (tcp when no protocol is given)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("a port is written 8080, 8080/tcp or 8000-8100/udp")
-    m = _PORT_RE.match(str(value).strip().lower())
-    if not m:
-        raise ValueError("a port is written 8080, 8080/tcp or 8000-8100/udp")
-    first = int(m.group(1))
-    last = int(m.group(2) or first)
-    if not (1 <= first <= 65535 and 1 <= last <= 65535):
-        raise ValueError("ports are 1 to 65535")
-    if last < first:
-        raise ValueError("a port range goes from low to high")
-    return PortSpec(proto=m.group(3) or "tcp", ports=PortRange(first, last))  # type: ignore[arg-type]
-
-
 parse_network = addresses.parse_network  # an address or CIDR, host bits clear
+_T = TypeVar("_T")
+
+_PORT_HINT = "a port is written 8080, 8080/tcp or 8000-8100/udp"
+_IFNAME_HINT = ("not an interface name (1-15 characters: letters, digits, _ . @ -, "
+                "or a prefix ending in *)")
+_NAME_HINT = "not a container or compose service name"
 
 
-def _as_list(value: object) -> object:
-    return [value] if isinstance(value, str | int) else value
-
-
-def _ifname(value: object) -> object:
+def _ifname(value: str) -> str:
     if value == "lo":
         raise ValueError("loopback is never outside")
-    if not isinstance(value, str) or not IFNAME_RE.match(value):
-        raise ValueError("not an interface name (1-15 characters: letters, digits, _ . @ -, "
-                         "or a prefix ending in *)")
+    if not IFNAME_RE.match(value):
+        raise ValueError(_IFNAME_HINT)
     return value
 
 
-def _container_name(value: object) -> object:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ValueError("not a container or compose service name")
+def _container_name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(_NAME_HINT)
     return value.lstrip("/")
 
 
-# What editors see (`dockfence schema`); the validators above stay the authority.
-_PORT_SCHEMA = {
-    "anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
-              {"type": "string", "pattern": r"^\d{1,5}(-\d{1,5})?(/(tcp|udp))?$"}],
-    "description": "8080, 8080/tcp or 8000-8100/udp (tcp when no protocol is given)",
-}
-_FROM_SCHEMA = {
-    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
-    "description": "list names, addresses, CIDRs, or `any`; an empty list admits nobody",
-}
-PortField = Annotated[PortSpec, BeforeValidator(parse_port), WithJsonSchema(_PORT_SCHEMA)]
-SourceField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_FROM_SCHEMA)]
+# --- the structure (msgspec), and what editors see (`dockfence schema`) ------------------------
+# Ports, names, URLs and durations are checked by `_resolve`; the JSON Schema constraints below
+# (extra_json_schema) only help editors, msgspec does not enforce them.
+
+_Port = Annotated[
+    Annotated[int, Meta(extra_json_schema={"minimum": 1, "maximum": 65535})]
+    | Annotated[str, Meta(extra_json_schema={"pattern": r"^\d{1,5}(-\d{1,5})?(/(tcp|udp))?$"})],
+    Meta(description="8080, 8080/tcp or 8000-8100/udp (tcp when no protocol is given)")]
+_Entries = list[str | int] | str | int
+_From = Annotated[_Entries, Meta(
+    description="list names, addresses, CIDRs, or `any`; an empty list admits nobody")]
+_Except = Annotated[_Entries, Meta(
+    description="list names, addresses or CIDRs this rule refuses although `from` names them "
+                "(a deny list: `from: any` with `except: [abusers]`)")]
+_Default = Annotated[Literal["deny", "allow"],
+                     Meta(description="what happens to connections no rule allows")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True)
-
-
-_EXCEPT_SCHEMA = {
-    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
-    "description": "list names, addresses or CIDRs this rule refuses although `from` names "
-                   "them (a deny list: `from: any` with `except: [abusers]`)",
-}
-ExceptField = Annotated[list[str | int], BeforeValidator(_as_list), WithJsonSchema(_EXCEPT_SCHEMA)]
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
 
 
 class _HostRule(_Strict):
-    port: PortField
-    from_: SourceField = Field(alias="from")
-    except_: ExceptField = Field([], alias="except")
+    """Who may reach one of the host's own ports."""
+
+    port: _Port
+    from_: _From = msgspec.field(name="from")
+    except_: _Except = msgspec.field(name="except", default_factory=list)
 
 
-class _ContainerRule(_Strict):
-    container: Annotated[str | None, BeforeValidator(_container_name)] = None
-    port: PortField | None = None
-    host_port: PortField | None = None
-    from_: SourceField = Field(alias="from")
-    except_: ExceptField = Field([], alias="except")
+class _ContainerRule(_Strict, kw_only=True):
+    """Who may reach a container's port (`container` + `port`) or a published `host_port`."""
+
+    container: Annotated[str, Meta(description="container or compose service name")] \
+        | UnsetType = UNSET
+    port: _Port | None = None
+    host_port: _Port | None = None
+    from_: _From = msgspec.field(name="from")
+    except_: _Except = msgspec.field(name="except", default_factory=list)
 
 
 class _HostSection(_Strict):
-    default: Literal["deny", "allow"] = "deny"
+    """The host's own ports (absent: left alone)."""
+
+    default: _Default = "deny"
     allow: list[_HostRule] = []
 
 
 class _LabelSection(_Strict):
-    may_allow: SourceField
+    """Container labels may add sources, within `may_allow` (absent: labels are ignored)."""
+
+    may_allow: _From
 
 
 class _ContainerSection(_Strict):
-    default: Literal["deny", "allow"] = "deny"
+    """Published container ports."""
+
+    default: _Default = "deny"
     allow: list[_ContainerRule] = []
-    labels: _LabelSection | None = None  # absent: container labels are ignored
+    labels: _LabelSection | None = None
 
 
-class _ListFile(_Strict):
-    file: str = Field(min_length=1)
+class _ListSource(_Strict):
+    """A list read from a file (`file`) or downloaded (`url`, `refresh`)."""
+
+    file: Annotated[str, Meta(
+        description="a file with one address or CIDR per line (`#` comments); relative to the "
+                    "policy's folder", extra_json_schema={"minLength": 1})] | UnsetType = UNSET
+    url: Annotated[str, Meta(
+        description="where the list is downloaded from (http or https): one address or CIDR "
+                    "per line", extra_json_schema={"pattern": "^https?://"})] | UnsetType = UNSET
+    refresh: Annotated[
+        Annotated[int, Meta(extra_json_schema={"minimum": 60})]
+        | Annotated[str, Meta(extra_json_schema={"pattern": r"^\d+[smhdw]?$"})],
+        Meta(description="how old the saved copy may get before apply downloads it again "
+                         "(default 1d)")] | UnsetType = UNSET
 
 
-def _url(value: object) -> object:
-    if not isinstance(value, str):
-        raise ValueError("a list URL is a string")
-    return listurls.check_url(value)
-
-
-class _ListURL(_Strict):
-    url: Annotated[str, BeforeValidator(_url),
-                   WithJsonSchema({"type": "string", "pattern": "^https?://",
-                                   "description": "where the list is downloaded from (http or "
-                                                  "https): one address or CIDR per line"})]
-    refresh: Annotated[int, BeforeValidator(listurls.parse_refresh),
-                       WithJsonSchema({"type": "string", "pattern": r"^\d+[smhdw]?$",
-                                       "description": "how old the saved copy may get before "
-                                                      "apply downloads it again (default 1d)"})
-                       ] = listurls.DEFAULT_REFRESH
-
-
-def _list_kind(value: object) -> str:
-    """Which form a list takes, so that errors speak of that form only."""
-    if isinstance(value, dict):
-        return "url" if "url" in value else "file"
-    return "inline"
-
-
-_LIST_TAGS = ("inline", "file", "url")
-_ListValue = Annotated[
-    Annotated[list[str], Tag("inline")] | Annotated[_ListFile, Tag("file")]
-    | Annotated[_ListURL, Tag("url")],
-    Discriminator(_list_kind)]
+_ListValue = list[str] | _ListSource
+# one form or the other, as _resolve insists (for editors)
+_LIST_FORMS = {"oneOf": [{"required": ["file"], "not": {"anyOf": [{"required": ["url"]},
+                                                                  {"required": ["refresh"]}]}},
+                         {"required": ["url"], "not": {"required": ["file"]}}]}
 
 
 class _Document(_Strict):
-    version: Literal[1]
-    interfaces: list[Annotated[str, BeforeValidator(_ifname)]] | None = Field(None, min_length=1)
+    version: Annotated[Literal[1], Meta(description="the policy format: 1")]
+    interfaces: Annotated[list[str], Meta(
+        description="the outside interfaces (default: all but loopback and Docker's bridges)",
+        min_length=1)] | None = None
     lists: dict[str, _ListValue] = {}
     host: _HostSection | None = None
-    containers: _ContainerSection = _ContainerSection()
+    containers: _ContainerSection = msgspec.field(default_factory=_ContainerSection)
 
 
 def json_schema() -> dict[str, Any]:
     """The policy's JSON Schema, as editors' YAML language servers read it."""
-    doc = _Document.model_json_schema(by_alias=True)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **doc,
+    doc = msgspec.json.schema(_Document)
+    defs = doc["$defs"]
+    root = defs.pop("_Document")
+    defs["_ListSource"].update(_LIST_FORMS)
+    for d in defs.values():
+        d.pop("title", None)  # the Structs' private names
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **root, "$defs": defs,
             "title": "dockfence policy (version 1)"}
+
+
+# What a msgspec error says, in the policy's words.
+_ERROR_RE = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>[^`]*)`(?: in `(?P<inside>[^`]*)`)?)?$",
+                       re.S)
+_STEP_RE = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[(\.\.\.)\]")
+_KINDS = {"int": "a number", "str": "text", "array": "a list", "object": "a mapping",
+          "null": "nothing (null)", "bool": "true or false", "float": "a decimal number"}
+_FROM_HINT = "list names, addresses, CIDRs or `any`: one, or a list of them"
+_ENTRY_HINT = "an address, a CIDR, a list name or `any`"
+# What a value of the wrong type should have been (`[]`: an item of that list).
+_HINTS = {"port": _PORT_HINT, "host_port": _PORT_HINT, "container": _NAME_HINT,
+          "interfaces[]": _IFNAME_HINT, "from": _FROM_HINT, "except": _FROM_HINT,
+          "may_allow": _FROM_HINT, "from[]": _ENTRY_HINT, "except[]": _ENTRY_HINT,
+          "may_allow[]": _ENTRY_HINT, "default": "must be 'deny' or 'allow'",
+          "version": "must be 1 (the only version so far)", "url": "a list URL is a string",
+          "refresh": "refresh is a duration: 90s, 10m, 6h, 1d or 1w"}
+_UNKNOWN = re.compile(r"^Object contains unknown field `(.*)`$", re.S)
+_MISSING = re.compile(r"^Object missing required field `(.*)`$", re.S)
+_EXPECTED = re.compile(r"^Expected `([^`]*)`(?:, got `([^`]*)`)?(?: of length >= (\d+))?$")
+
+
+def _steps(path: str) -> tuple[str | int, ...]:
+    """`$.containers.allow[0].port` -> ("containers", "allow", 0, "port")."""
+    return tuple(m[1] if m[1] else int(m[2]) if m[2] else "..."
+                 for m in _STEP_RE.finditer(path))
+
+
+def _kinds(text: str) -> str:
+    kinds = text.split(" | ")
+    if len(kinds) > 1 and "null" in kinds:  # an optional key: leaving it out is the way
+        kinds.remove("null")
+    names = [_KINDS.get(k, k) for k in kinds]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _explain(message: str, data: Any, prefix: tuple[str | int, ...] = (),
+             ) -> tuple[tuple[str | int, ...], str]:
+    """(where, what) of a msgspec ValidationError about `data` (found at `prefix`), in the
+    policy's terms."""
+    m = _ERROR_RE.match(message)
+    what = m["what"] if m else message
+    steps = _steps(m["inside"] or m["path"] or "") if m else ()
+    if "..." in steps:  # a value inside `lists`: msgspec does not say which list
+        return _list_error(data)
+    loc = (*prefix, *steps)
+    if unknown := _UNKNOWN.match(what):
+        return (*loc, unknown[1]), f"unknown key {unknown[1]!r}"
+    if missing := _MISSING.match(what):
+        return loc, f"missing required key {_dotted((*loc, missing[1]))!r}"
+    if m and m["inside"]:  # `key` in ...: located_yaml makes every key text; never expected
+        return loc, "a key is a plain word"
+    # the field's hint; `steps`, not `loc`: a list's name is the policy's, never a field
+    hint = _HINTS.get(f"{steps[-2]}[]" if len(steps) > 1 and isinstance(steps[-1], int)
+                      else str(steps[-1])) if steps else None
+    if hint:
+        return loc, f"{_dotted(loc)}: {hint}"
+    if expected := _EXPECTED.match(what):
+        want, got, least = expected.groups()
+        text = f"expected {_kinds(want)}"
+        if least:
+            text += f" of at least {least} {'item' if want == 'array' else 'character'}" + \
+                ("s" if least != "1" else "")
+        if got:
+            text += f", got {_kinds(got)}"
+        return loc, f"{_dotted(loc)}: {text}"
+    return loc, f"{_dotted(loc)}: {what[:1].lower()}{what[1:]}" if loc else what
+
+
+def _list_error(data: Any) -> tuple[tuple[str | int, ...], str]:
+    """Which list broke the structure: each one is checked again on its own."""
+    for name, value in data["lists"].items():
+        try:
+            msgspec.convert(value, _ListValue)
+        except msgspec.ValidationError as exc:
+            return _explain(str(exc), value, ("lists", name))
+    return ("lists",), "lists: not valid"  # pragma: no cover - msgspec said one was not
 
 
 # --- the validated policy ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HostRule:
+    """Who may reach one of the host's own ports."""
+
     port: PortSpec
     sources: Sources
     line: int
@@ -189,6 +253,8 @@ class HostRule:
 
 @dataclass(frozen=True)
 class ContainerRule:
+    """Who may reach a container's port, or a published host port."""
+
     container: str | None
     port: PortSpec | None  # the container's own port
     host_port: PortSpec | None
@@ -202,6 +268,8 @@ class ContainerRule:
 
 @dataclass(frozen=True)
 class Policy:
+    """A validated policy: rules with their sources and lines."""
+
     path: str
     interfaces: tuple[str, ...] | None
     host_default: Verdict | None  # None: no host section, the host's own ports are left alone
@@ -219,18 +287,6 @@ class Policy:
 
     def where(self, line: int | None) -> str:
         return f"{self.path}:{line}" if line else self.path
-
-
-def _friendly(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return f"unknown key {err['loc'][-1]!r}"
-    if kind == "missing":
-        return f"missing required key {loc!r}"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    return f"{loc}: {msg}"
 
 
 def load(path: str | Path) -> Policy:
@@ -274,49 +330,100 @@ def parse(text: str | bytes, path: str = "<policy>") -> Policy:
     if not isinstance(doc.data, dict):
         raise PolicyError(path, 1, "a policy is a YAML mapping starting with `version: 1`")
     try:
-        raw = _Document.model_validate(doc.data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        if len(loc) > 2 and loc[0] == "lists" and loc[2] in _LIST_TAGS:  # the form's tag
-            loc = loc[:2] + loc[3:]
-            err = {**err, "loc": loc}
+        raw = msgspec.convert(doc.data, _Document)
+    except msgspec.ValidationError as exc:
+        loc, message = _explain(str(exc), doc.data)
         line = doc.line(loc) or doc.lines.line  # a missing top-level key: the document's
-        raise PolicyError(path, line, _friendly(err), doc.value(loc)) from None
+        raise PolicyError(path, line, message, doc.value(loc)) from None
     return _resolve(raw, doc, path, text)
+
+
+def _as_list(value: list[str | int] | str | int) -> list[str | int]:
+    return [value] if isinstance(value, str | int) else value
 
 
 def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
              text: str | bytes = "") -> Policy:
-    """Second pass: list names, addresses and cross-field rules, each error with its line."""
+    """Second pass: every value, list names, addresses and cross-field rules, each error with
+    its line. Every value is checked before a list file or a saved copy is read: a typo is
+    exit 2 whatever the files."""
+
+    def fail(loc: tuple[str | int, ...], message: object) -> PolicyError:
+        return PolicyError(path, doc.line(loc), f"{_dotted(loc)}: {message}", doc.value(loc))
+
+    def checked(check: Callable[[Any], _T], value: object, loc: tuple[str | int, ...]) -> _T:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise fail(loc, exc) from None
+
+    def list_source(name: str, src: _ListSource) -> listfiles.ListFile | listurls.ListURL:
+        loc = ("lists", name)
+        if (src.file is UNSET) == (src.url is UNSET):
+            raise fail(loc, "a list is written inline ([203.0.113.0/24, ...]), or names a "
+                       "`file` or a `url` (one of them)")
+        if src.url is UNSET:
+            if src.refresh is not UNSET:
+                raise fail((*loc, "refresh"), "`refresh` is for downloaded lists (`url`)")
+            if not src.file:
+                raise fail((*loc, "file"), "`file` names the list's file")
+            return listfiles.ListFile.at(name, str(src.file), path)
+        refresh = listurls.DEFAULT_REFRESH if src.refresh is UNSET else \
+            checked(listurls.parse_refresh, src.refresh, (*loc, "refresh"))
+        return listurls.ListURL(name, checked(listurls.check_url, src.url, (*loc, "url")),
+                                refresh)
+
+    interfaces = tuple(checked(_ifname, name, ("interfaces", i))
+                       for i, name in enumerate(raw.interfaces)) if raw.interfaces else None
+
+    forms: dict[str, list[str] | listfiles.ListFile | listurls.ListURL] = {}
+    for name, entries in raw.lists.items():
+        loc = ("lists", name)
+        if not LIST_NAME_RE.match(name) or name == "any":
+            raise PolicyError(path, doc.line(loc),
+                              "a list name starts with a letter (letters, digits, _ and -) "
+                              "and is not `any`", name)
+        forms[name] = entries if isinstance(entries, list) else list_source(name, entries)
+
+    host_ports = [checked(parse_port, r.port, ("host", "allow", i, "port"))
+                  for i, r in enumerate(raw.host.allow)] if raw.host is not None else []
+    container_parts: list[tuple[str | None, PortSpec | None, PortSpec | None]] = []
+    for i, r in enumerate(raw.containers.allow):
+        loc = ("containers", "allow", i)
+        container = None if r.container is UNSET else \
+            checked(_container_name, r.container, (*loc, "container"))
+        port = None if r.port is None else checked(parse_port, r.port, (*loc, "port"))
+        host_port = None if r.host_port is None else \
+            checked(parse_port, r.host_port, (*loc, "host_port"))
+        if (port is None) == (host_port is None):
+            raise PolicyError(path, doc.line(loc), "a container rule names exactly one of `port` "
+                              "(the container's port) or `host_port`")
+        if port is not None and container is None:
+            raise PolicyError(path, doc.line(loc), "`port` is the container's own port: name "
+                              "the `container` too, or use `host_port`")
+        container_parts.append((container, port, host_port))
+
     lists: dict[str, tuple[list[int], list[int]]] = {}  # name -> (IPv4, IPv6) blocks
     labels: dict[str, str] = {}  # how plan and status name a list read from a file
     files: list[tuple[listfiles.ListFile, bytes]] = []
     downloaded: list[tuple[str, str, bytes]] = []  # (name, URL, the saved copy)
-    for name, entries in raw.lists.items():
-        if not LIST_NAME_RE.match(name) or name == "any":
-            raise PolicyError(path, doc.line(("lists", name)),
-                              "a list name starts with a letter (letters, digits, _ and -) "
-                              "and is not `any`", name)
-        if isinstance(entries, _ListFile):
-            lf = listfiles.ListFile.at(name, entries.file, path)
-            data = listfiles.read_bytes(path, doc.line(("lists", name, "file")), lf)
-            lists[name] = listfiles.parse(lf, data)
-            labels[name] = lf.label()
-            files.append((lf, data))
-            continue
-        if isinstance(entries, _ListURL):
-            lu = listurls.ListURL(name, entries.url, entries.refresh)
-            data = listurls.read_saved(lu)
-            lists[name] = listfiles.parse_at(f"{lu.label()} (saved copy {lu.copy})", data)
-            labels[name] = f"{name} (url {lu.url})"
-            downloaded.append((name, lu.url, data))
-            continue
-        try:
-            lists[name] = addresses.parse_many([str(e) for e in entries])
-        except addresses.BadEntry as exc:
-            raise PolicyError(path, doc.line(("lists", name, exc.index)), str(exc),
-                              entries[exc.index]) from None
+    for name, form in forms.items():
+        if isinstance(form, listfiles.ListFile):
+            data = listfiles.read_bytes(path, doc.line(("lists", name, "file")), form)
+            lists[name] = listfiles.parse(form, data)
+            labels[name] = form.label()
+            files.append((form, data))
+        elif isinstance(form, listurls.ListURL):
+            data = listurls.read_saved(form)
+            lists[name] = listfiles.parse_at(f"{form.label()} (saved copy {form.copy})", data)
+            labels[name] = f"{name} (url {form.url})"
+            downloaded.append((name, form.url, data))
+        else:
+            try:
+                lists[name] = addresses.parse_many(form)
+            except addresses.BadEntry as exc:
+                raise PolicyError(path, doc.line(("lists", name, exc.index)), str(exc),
+                                  form[exc.index]) from None
 
     seen: dict[tuple[str, ...], Sources] = {}  # one list in many rules is collapsed once
 
@@ -348,40 +455,34 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
 
     def rule_sources(r: _HostRule | _ContainerRule, loc: tuple[str | int, ...]) -> Sources:
         """`from` minus `except`, named as the policy wrote it ("any except abusers")."""
-        admitted = sources(r.from_, (*loc, "from"))
-        if not r.except_:
+        admitted = sources(_as_list(r.from_), (*loc, "from"))
+        excepted = _as_list(r.except_)
+        if not excepted:
             return admitted
-        if "any" in (str(e) for e in r.except_):
+        if "any" in (str(e) for e in excepted):
             raise PolicyError(path, doc.line((*loc, "except")), "`except: any` refuses "
                               "everyone; write `from: []` to admit nobody", "any")
-        refused = sources(r.except_, (*loc, "except"))
+        refused = sources(excepted, (*loc, "except"))
         words = ", ".join(admitted.names or ("any",) if admitted.any else admitted.names)
         return admitted.excepting(refused.v4, refused.v6,
                                   (f"{words} except {', '.join(refused.names)}",))
 
     host_rules: list[HostRule] = []
     if raw.host is not None:
-        for i, r in enumerate(raw.host.allow):
+        for i, (r, port) in enumerate(zip(raw.host.allow, host_ports, strict=True)):
             loc = ("host", "allow", i)
-            host_rules.append(HostRule(r.port, rule_sources(r, loc),
-                                       doc.line(loc) or 0))
+            host_rules.append(HostRule(port, rule_sources(r, loc), doc.line(loc) or 0))
 
     container_rules: list[ContainerRule] = []
-    for i, r in enumerate(raw.containers.allow):
+    for i, (r, (container, port, host_port)) in enumerate(
+            zip(raw.containers.allow, container_parts, strict=True)):
         loc = ("containers", "allow", i)
-        line = doc.line(loc) or 0
-        if (r.port is None) == (r.host_port is None):
-            raise PolicyError(path, line, "a container rule names exactly one of `port` "
-                              "(the container's port) or `host_port`")
-        if r.port is not None and r.container is None:
-            raise PolicyError(path, line, "`port` is the container's own port: name the "
-                              "`container` too, or use `host_port`")
-        container_rules.append(ContainerRule(r.container, r.port, r.host_port,
-                                             rule_sources(r, loc), line))
+        container_rules.append(ContainerRule(container, port, host_port, rule_sources(r, loc),
+                                             doc.line(loc) or 0))
 
     label_limit = None
     if raw.containers.labels is not None:
-        label_limit = sources(raw.containers.labels.may_allow,
+        label_limit = sources(_as_list(raw.containers.labels.may_allow),
                               ("containers", "labels", "may_allow"))
 
     lines = {
@@ -392,7 +493,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
     }
     return Policy(
         path=path,
-        interfaces=tuple(raw.interfaces) if raw.interfaces else None,
+        interfaces=interfaces,
         host_default=raw.host.default if raw.host is not None else None,
         host_rules=tuple(host_rules),
         container_default=raw.containers.default,
@@ -405,3 +506,4 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
         digest=listfiles.policy_digest(path, text, files, downloaded),
         list_files=tuple(lf for lf, _ in files),
     )
+

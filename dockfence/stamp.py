@@ -38,6 +38,8 @@ def digest(*chunks: bytes) -> str:
 
 @dataclass(frozen=True)
 class Stamp:
+    """What a table was made from (see the module's docstring)."""
+
     policy: str  # digest of the policy's inputs: the policy file and every list it reads
     inventory: str  # digest of what Docker runs, as far as the rules depend on it
     version: str = __version__

@@ -74,8 +74,10 @@ class Runner:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # its own state directory: another dockfence on this machine (a test, another bench)
+        # writing /var/lib/dockfence would turn a no-op apply into a full one
         self.env = {"PATH": bench.SYSTEM_PATH, "LC_ALL": "C", "DOCKER_HOST": self.lab.docker_host,
-                    "PYTHONPATH": str(REPO)}
+                    "PYTHONPATH": str(REPO), "DOCKFENCE_STATE_DIR": str(self.lab.base / "state")}
 
     def timed(self, argv: list[str], stdin: str | None = None, ok: bool = True) -> Timed:
         """One process in the lab's host namespace: wall time and its peak RSS. The process is
@@ -196,7 +198,7 @@ def measure_small_only(r: Runner, path: Path, samples: dict[str, list[float]],
 IMPORTS = {
     "dockfence.cli (what --help loads)": "dockfence.cli",
     "dockfence.engine (+ apply's no-op path)": "dockfence.engine",
-    "dockfence.policy (the validator: pydantic, PyYAML)": "dockfence.policy",
+    "dockfence.policy (the validator: msgspec, PyYAML)": "dockfence.policy",
     "dockfence.dockerapi (the stdlib Docker client)": "dockfence.dockerapi",
     "docker (the Docker SDK with requests, no longer used)": "docker",
 }

@@ -3,6 +3,8 @@ exit codes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from click.testing import CliRunner
 from dockfence.cli import main
 
 from helpers import POLICY
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -67,3 +71,52 @@ def test_docker_unreachable_is_operational(runner: CliRunner, tmp_path: Path) ->
                            env={"DOCKER_HOST": f"unix://{tmp_path}/absent.sock"})
     assert result.exit_code == 1
     assert "cannot reach Docker" in result.output
+
+
+# --- what each path loads (start-up cost: see scripts/bench_commands.py) ------------------------
+
+HEAVY = {"msgspec", "yaml", "rich", "http.client", "ssl"}
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`."""
+    proc = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(*sys.modules)"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "DOCKFENCE_STATE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_help_loads_no_engine_validator_or_output_library(tmp_path: Path) -> None:
+    loaded = _modules_after("from dockfence.cli import main", tmp_path)
+    assert not loaded & (HEAVY | {"dockfence.engine", "dockfence.policy", "dockfence.discovery",
+                                  "dataclasses"})
+
+
+NO_OP_APPLY = """
+import contextlib
+from dockfence import engine, listfiles
+from dockfence.model import Inventory
+from dockfence.stamp import Stamp, inventory_digest
+path = {path!r}
+stamp = Stamp(listfiles.inputs_digest(path), inventory_digest(Inventory()))
+engine.host_lock = lambda wait=0.0: contextlib.nullcontext()
+engine.state.Record.exists = lambda self: True
+engine.discovery.inventory = Inventory
+engine.nft.live_stamp = lambda: stamp
+engine.record.warnings = lambda st: [] if st == stamp else None
+plan, cut = engine.apply(path)
+assert plan.unchanged and plan.policy is None and cut == 0, plan
+"""
+
+
+def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None:
+    """The stamp answers "nothing changed" (proven against real tables by test_enforcement's
+    lab tests); here: that answer needs neither the policy validator, nor the compiler, the
+    diff, bans, counters or the output and HTTP libraries."""
+    path = write(tmp_path, POLICY)
+    loaded = _modules_after(NO_OP_APPLY.format(path=path), tmp_path)
+    assert "dockfence.engine" in loaded
+    assert not loaded & (HEAVY | {"dockfence.policy", "dockfence.compile", "dockfence.plan",
+                                  "dockfence.explain", "dockfence.bans", "dockfence.counters",
+                                  "dockfence.located_yaml"})

@@ -13,6 +13,7 @@ import yaml
 
 from dockfence import policy
 from dockfence.compile import compile_policy
+from dockfence.errors import PolicyError
 from dockfence.model import Binding, Container, Inventory
 from dockfence.starter import starting_policy
 
@@ -65,6 +66,33 @@ def test_schema_accepts_the_example_and_rejects_mistakes() -> None:
                 {"version": 1, "containers": {"allow": [{"port": "80/sctp", "from": "any"}]}}):
         with pytest.raises(jsonschema.ValidationError):
             validator.validate(bad)
+
+
+@pytest.mark.parametrize("bad", [
+    {"version": 1, "interfaces": []},
+    {"version": 1, "host": {"allow": [{"port": 70000, "from": "any"}]}},
+    {"version": 1, "host": {"allow": [{"port": "22", "from": "any", "extra": 1}]}},
+    {"version": 1, "containers": {"allow": [{"host_port": 8081}]}},
+    {"version": 1, "containers": {"labels": {}}},
+    {"version": 1, "lists": {"a": {"file": "a.txt", "url": "https://example.com/a"}}},
+    {"version": 1, "lists": {"a": {"file": "a.txt", "refresh": "1d"}}},
+    {"version": 1, "lists": {"a": {"url": "ftp://example.com/a"}}},
+    {"version": 1, "lists": {"a": {"url": "https://example.com/a", "refresh": "soon"}}},
+    {"version": 1, "lists": {"a": {}}},
+])
+def test_schema_rejects_what_the_validator_rejects(bad: dict[str, object]) -> None:
+    """Editors flag these as the loader does (the loader stays the authority)."""
+    with pytest.raises(PolicyError):
+        policy.parse(yaml.safe_dump(bad), "bad.yaml")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(policy.json_schema()).validate(bad)
+
+
+def test_schema_describes_what_editors_show() -> None:
+    text = json.dumps(policy.json_schema())
+    for words in ("8080/tcp or 8000-8100/udp", "an empty list admits nobody", "refuses although",
+                  "downloaded from (http or https)", "how old the saved copy may get"):
+        assert words in text
 
 
 def test_schema_command_prints_json() -> None:
