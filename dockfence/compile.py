@@ -28,7 +28,7 @@ from .model import (
     find_gate,
 )
 
-if TYPE_CHECKING:  # the validator (pydantic) is not needed to compile
+if TYPE_CHECKING:  # the validator is not needed to compile
     from .policy import ContainerRule, Policy
 
 
