@@ -280,9 +280,9 @@ def status(as_json: bool) -> None:
 
     from rich.table import Table
 
-    from . import engine
+    from . import status as enforced
 
-    st = engine.status(networks=as_json)
+    st = enforced.status(networks=as_json)
     if as_json:
         _emit_json({"installed": st.installed, "firewall_backend": st.firewall_backend,
                     "ports": [asdict(p) for p in st.ports],
@@ -348,7 +348,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
     import ipaddress
     from dataclasses import replace
 
-    from . import engine
+    from . import banning, engine
     from .explain import explain as explain_verdict
     from .explain import parse_port_arg
 
@@ -360,7 +360,7 @@ def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_jso
         raise click.BadParameter(str(exc)) from None
     pol, inv, rs = engine.desired_state(policy_path)
     ex = explain_verdict(rs, inv, src, port_no, proto, dst)
-    ban = engine.ban_of(src)
+    ban = banning.ban_of(src)
     if ban is not None and ex.verdict is not None:
         ex = replace(ex, verdict="deny", decided_by=f"dockfence ban {ban.network}",
                      reason="banned (" + (f"{ban.reason}; " if ban.reason else "") +
@@ -428,10 +428,10 @@ def ban(address: str, duration: str, reason: str, force: bool) -> None:
     """Refuse ADDRESS (or a CIDR) on every published port and host port dockfence filters,
     `from: any` included, and cut its established flows to containers. Survives re-apply,
     watch and restore; expires by itself."""
-    from . import engine
+    from . import banning
     from .bans import parse_duration
 
-    cut = engine.ban(address, parse_duration(duration), reason, force=force)
+    cut = banning.ban(address, parse_duration(duration), reason, force=force)
     out.print(f"Banned {escape(address)}" + (f" for {escape(duration)}" if duration !=
                                             "forever" else "") +
               (f"; cut {cut} established flow(s)" if cut else "") + ".")
@@ -442,9 +442,9 @@ def ban(address: str, duration: str, reason: str, force: bool) -> None:
 @_errors
 def unban(address: str) -> None:
     """Lift a ban."""
-    from . import engine
+    from . import banning
 
-    if engine.unban(address):
+    if banning.unban(address):
         out.print(f"Unbanned {escape(address)}.")
     else:
         out.print(f"{escape(address)} was not banned.")
@@ -457,9 +457,9 @@ def bans_cmd(as_json: bool) -> None:
     """The bans in force and how long each has left."""
     from rich.table import Table
 
-    from . import engine
+    from . import banning
 
-    rows = engine.current_bans()
+    rows = banning.current_bans()
     if as_json:
         _emit_json(rows)
         return

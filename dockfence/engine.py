@@ -1,37 +1,30 @@
-"""Orchestration: lock, discover, compile, plan, apply atomically, verify, roll back, revoke."""
+"""Orchestration: lock, discover, compile, plan, apply atomically, verify, roll back; the
+revocation of flows the new rules deny is in dockfence.revoke."""
 
 from __future__ import annotations
 
 import fcntl
 import ipaddress
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import discovery, listfiles, record, state, statedir
+from . import discovery, listfiles, record, state
 from .backends import nftables as nft
 from .errors import OperationalError, UsageError
 from .model import (
-    Binding,
-    Container,
     Inventory,
     Ruleset,
-    Sources,
-    covered_by_patterns,
-    find_gate,
-    show_network,
 )
-from .run import run
 from .stamp import Stamp, inventory_digest
 
 # The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
 # diff, bans or counters: each loads where it is used.
 if TYPE_CHECKING:
-    from . import bans, counters, policy
+    from . import policy
     from .plan import Change
 
 
@@ -227,6 +220,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
             forget()
             _restore(previous, exists)
             raise RolledBack("not confirmed: the previous rules were restored")
+        from .revoke import revoke
+
         return plan, revoke(live, desired, inv)
 
 
@@ -258,97 +253,6 @@ def _restore(previous: str | None, existed: bool) -> None:
         nft.apply_text(nft.removal() + previous)
 
 
-def ban(target: str, seconds: int | None, reason: str = "", force: bool = False) -> int:
-    """Ban an address or network: recorded (it survives re-apply and restore), then added to
-    the live table, then its established flows to containers are cut. Returns how many."""
-    from . import bans
-
-    net = bans.parse_target(target)
-    client = (os.environ.get("SSH_CONNECTION") or "").split()[:1]
-    if client and not force:
-        try:
-            if ipaddress.ip_address(client[0]) in net:
-                raise LockoutError(f"{net} holds the address of your own SSH session "
-                                   f"({client[0]}); pass --force if that is what you want")
-        except ValueError:
-            pass
-    entry = bans.Ban(show_network(net), None if seconds is None else time.time() + seconds,
-                     reason)
-    with host_lock(wait=30):
-        bans.save(bans.with_ban(bans.load(), entry))
-        if nft.live_stamp_present():
-            nft.apply_text(nft.ban_element_commands(net, seconds))
-            return _cut_banned(net)
-    return 0
-
-
-def unban(target: str) -> bool:
-    """Lift a ban (recorded and live). False when it was not banned."""
-    from . import bans
-
-    net = bans.parse_target(target)
-    with host_lock(wait=30):
-        current = bans.load()
-        kept = bans.without(current, show_network(net))
-        live = nft.live_bans() or {}
-        if len(kept) == len(current) and show_network(net) not in live:
-            return False
-        bans.save(kept)
-        if show_network(net) in live:
-            nft.apply_text(nft.unban_commands(net))
-        return True
-
-
-def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban | None:
-    """The recorded ban that covers this address, if any."""
-    from . import bans
-
-    for b in bans.load():
-        if address in ipaddress.ip_network(b.network):
-            return b
-    return None
-
-
-def current_bans() -> list[dict[str, object]]:
-    """Bans in force: the record, with what the kernel says is left of each."""
-    from . import bans
-
-    live = nft.live_bans()
-    now = time.time()
-    out: list[dict[str, object]] = []
-    for b in bans.load():
-        out.append({"network": b.network, "reason": b.reason,
-                    "expires_in": b.remaining(now),
-                    "in_kernel": live is not None and b.network in live})
-    return out
-
-
-def _cut_banned(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
-    """Mark the banned source's established flows into containers (NATed, proxied or routed)
-    so the table drops them both ways; flows to the host's own ports are left alone."""
-    ports = nft.gated_ports()
-    local = _local_addresses()
-    flows = []
-    for family in ("ipv4", "ipv6"):
-        proc = run(["conntrack", "-L", "-f", family], check=False)
-        flows += parse_conntrack(proc.stdout)
-    hit = set()
-    for f in flows:
-        try:
-            if ipaddress.ip_address(f.src) not in net:
-                continue
-        except ValueError:
-            continue
-        to_container = f.dst not in local or any(
-            lo <= f.dport <= hi for lo, hi in ports.get("udp" if f.proto == "udp" else "tcp", []))
-        if to_container:
-            hit.add((f.proto, f.src, f.dst, f.dport))
-    for proto, src, dst, dport in sorted(hit):
-        run(["conntrack", "-U", "-p", proto, "-s", src, "-d", dst, "--dport", str(dport),
-             "--mark", str(nft.REVOKED_MARK)], check=False)
-    return len(hit)
-
-
 def remove() -> bool:
     with host_lock():
         record.forget()
@@ -357,110 +261,6 @@ def remove() -> bool:
             return False
         nft.apply_text(nft.removal())
         return True
-
-
-# --- revoking: new rules do not stop flows that conntrack already accepted ---------------------
-
-@dataclass(frozen=True)
-class Flow:
-    """One conntrack entry, as far as revocation needs it."""
-
-    proto: str
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    live: bool = True  # carries traffic: TCP ESTABLISHED (or opening), or any UDP flow
-
-
-_TCP_LIVE = {"SYN_SENT", "SYN_RECV", "ESTABLISHED"}
-
-
-def parse_conntrack(text: str) -> list[Flow]:
-    """`conntrack -L` lines; the first src/dst/sport/dport are the original direction."""
-    flows = []
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0] not in ("tcp", "udp"):
-            continue
-        kv: dict[str, str] = {}
-        for w in words:
-            k, sep, v = w.partition("=")
-            if sep and k not in kv:
-                kv[k] = v
-        live = words[0] == "udp" or (len(words) > 3 and words[3] in _TCP_LIVE)
-        try:
-            flows.append(Flow(words[0], kv["src"], kv["dst"], int(kv["sport"]),
-                              int(kv["dport"]), live))
-        except (KeyError, ValueError):
-            continue
-    return flows
-
-
-def flows_to_cut(flows: list[Flow], old: Ruleset | None, new: Ruleset, inv: Inventory,
-                 local: set[str]) -> list[Flow]:
-    """Flows from outside to containers (through a published port or routed straight to a
-    container address) that the old rules, or no rules, let in and the new ones deny. Flows to
-    the host's own ports are never cut: that could be the operator's own session."""
-    from .explain import explain
-
-    containers = {a for c in inv.containers for a in c.addresses}
-    inside = local | containers
-    decided: dict[tuple[str, str, str, int], bool] = {}
-
-    def revoked(proto: str, src: str, dst: str, dport: int) -> bool:
-        if src in inside:
-            return False  # opened by the host or a container
-        # from outside, a loopback address leads only through Docker's NAT (Docker < 28)
-        loopback = ipaddress.ip_address(dst).is_loopback
-        if dst in local and not loopback:
-            if find_gate(new.container_gates, proto, dport, ipaddress.ip_address(dst)) is None:
-                return False
-        elif dst not in containers and not loopback:
-            return False  # routed elsewhere: not dockfence's business
-        p = "udp" if proto == "udp" else "tcp"
-        a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-        now = explain(new, inv, a, dport, p, b).verdict
-        before = explain(old, inv, a, dport, p, b).verdict if old else None
-        return now == "deny" and before != "deny"
-
-    cut = []
-    for f in flows:
-        # the verdict depends on nothing else: one client's thousand flows cost one decision
-        key = (f.proto, f.src, f.dst, f.dport)
-        if key not in decided:
-            decided[key] = revoked(*key)
-        if decided[key]:
-            cut.append(f)
-    return cut
-
-
-def _local_addresses() -> set[str]:
-    out = run(["ip", "-j", "addr", "show"]).stdout
-    return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
-
-
-def revoke(old: Ruleset | None, new: Ruleset, inv: Inventory) -> int:
-    """Stop flows the new rules deny. Deleting their conntrack entries is not enough: the
-    container's next packet (a push, a keepalive) would recreate the entry in the other
-    direction and pass as a container's own traffic. So the entries are kept and marked, and
-    the table drops marked packets both ways. Returns how many live flows were cut."""
-    try:
-        flows = []
-        for family in ("ipv4", "ipv6"):
-            proc = run(["conntrack", "-L", "-f", family], check=False)
-            flows += parse_conntrack(proc.stdout)
-        if not flows:
-            return 0
-        cut = flows_to_cut(flows, old, new, inv, _local_addresses())
-    except OperationalError:
-        return 0  # no conntrack tool: new connections are still filtered
-    # One update per (proto, src, dst, dport): the verdict depends on nothing else, and a
-    # client that opened thousands of connections costs one call, not thousands.
-    for proto, src, dst, dport in sorted({(f.proto, f.src, f.dst, f.dport) for f in cut}):
-        run(["conntrack", "-U", "-p", proto, "-s", src, "-d", dst, "--dport", str(dport),
-             "--mark", str(nft.REVOKED_MARK)], check=False)
-    return sum(f.live for f in cut)
 
 
 def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | None:
@@ -483,147 +283,3 @@ def lockout(rs: Ruleset, inv: Inventory, ssh_connection: str | None) -> str | No
     return None
 
 
-@dataclass(frozen=True)
-class PortStatus:
-    """One published port in `status`: who may reach it and what was counted."""
-
-    container: str
-    host: str  # host address:port
-    container_port: str  # "8080/tcp"
-    who: str  # who may reach it now, in the policy's words
-    decided_by: str
-    warning: str | None = None
-    sources: list[str] | None = None  # every network that may, ["any"], or None: unfiltered
-    allowed: int | None = None  # new connections let in since the last apply (None: no gate)
-    refused: int | None = None
-
-
-def _networks(sources: Sources, memo: dict[tuple[int, ...], list[str]] | None,
-              ) -> list[str] | None:
-    """Every network, as text; one list behind many ports is written out once. None when
-    not asked for (memo None): a table of counts needs no million strings."""
-    if memo is None:
-        return None
-    key = (id(sources.v4), id(sources.v6), id(sources.deny_v4), id(sources.deny_v6))
-    if key not in memo:
-        denied = Sources(v4=sources.deny_v4, v6=sources.deny_v6).texts()
-        memo[key] = (["any"] if sources.any else sources.texts()) + [f"except {t}"
-                                                                      for t in denied]
-    return memo[key]
-
-
-@dataclass
-class Status:
-    """What `status` shows: the kernel's rules for what Docker publishes."""
-
-    installed: bool
-    ports: list[PortStatus]
-    host_rules: list[tuple[str, str, str]]  # (port, who, decided_by)
-    host_default: str | None
-    warnings: list[str]
-    firewall_backend: str
-    host_counts: list[counters.Count] = field(default_factory=list)  # one per host_rules row
-    defaults: dict[str, counters.Count] = field(default_factory=dict)  # see counters.defaults
-
-
-LOOPBACK_ONLY = "this host only (loopback)"
-
-
-def _loopback_status(row: dict[str, str], b: Binding, live: Ruleset | None,
-                     inv: Inventory) -> PortStatus:
-    """Who reaches a port published on a loopback address, and who sees to it."""
-    if b.family == 6:  # the kernel drops packets to ::1 arriving on any other interface
-        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="the kernel", sources=[])
-    if live is not None and live.loopback_guard:
-        return PortStatus(**row, who=LOOPBACK_ONLY, sources=[],
-                          decided_by="dockfence: loopback addresses from outside")
-    if inv.docker_guards_loopback:
-        return PortStatus(**row, who=LOOPBACK_ONLY, decided_by="Docker", sources=[])
-    return PortStatus(**row, who="this host, and neighbours that send to 127.0.0.1 through it",
-                      decided_by=f"Docker {inv.docker_version or '(version unknown)'}",
-                      warning="Docker before 28.0 forwards packets from outside addressed to "
-                      "127.0.0.1 to this port (moby#45610): run `dockfence apply`")
-
-
-def _port_status(c: Container, b: Binding, live: Ruleset | None, inv: Inventory,
-                 counts: dict[str, int] | None = None,
-                 memo: dict[tuple[int, ...], list[str]] | None = None) -> PortStatus:
-    from . import counters
-
-    row = {"container": c.name, "host": b.host_endpoint(),
-           "container_port": f"{b.container_port}/{b.proto}"}
-    if b.loopback_only:
-        return _loopback_status(row, b, live, inv)
-    if live is None:
-        return PortStatus(**row, who="anyone", decided_by="dockfence not applied",
-                          warning="not protected: dockfence is not applied")
-    if b.host_port is None:  # routed mode: reached on the container's own address
-        mine = [d for d in live.direct if str(d.address) in c.routed_addresses
-                and d.address.version == b.family and (d.proto, d.port) == (b.proto,
-                                                                            b.container_port)]
-        if not mine:
-            return PortStatus(**row, who="nobody (direct routing dropped)",
-                              decided_by="no allowance in the live rules", sources=[])
-        return PortStatus(**row, who=str(mine[0].sources), decided_by=mine[0].origin,
-                          sources=_networks(mine[0].sources, memo),
-                          **asdict(counters.direct_gate(counts or {}, mine[0])))
-    gate = find_gate(live.container_gates, b.proto, b.host_port, b.host_address)
-    if gate is None:
-        fallback = Sources.for_verdict(live.unknown_published)
-        return PortStatus(**row, who=f"{fallback} through NAT; unfiltered through docker-proxy",
-                          decided_by=live.unknown_origin,
-                          warning="published after the last apply: run `dockfence apply`")
-    default = "containers.default" in gate.origin
-    return PortStatus(**row, who=str(gate.sources), decided_by=gate.origin,
-                      warning="no policy rule names this port; the default decides"
-                      if default else None, sources=_networks(gate.sources, memo),
-                      **asdict(counters.container_gate(counts or {}, gate)))
-
-
-def _stale_direct(live: Ruleset, inv: Inventory) -> list[str]:
-    """Direct-routing allowances whose address no longer belongs to the container port they
-    were made for: the address may have been handed to another container."""
-    current = {(a, b.proto, b.container_port) for c in inv.containers
-               for b in c.bindings for a in c.routed_addresses}
-    return [f"direct-routing allowance to {d.address} port {d.port}/{d.proto} ({d.label}) no "
-            "longer matches a running container: run `dockfence apply` (or `dockfence watch`)"
-            for d in live.direct if (str(d.address), d.proto, d.port) not in current]
-
-
-def status(networks: bool = True) -> Status:
-    """What the kernel enforces now, for every published port Docker reports; with every
-    allowed network written out (PortStatus.sources) only if `networks`."""
-    from . import counters
-
-    inv = discovery.inventory()
-    live = trusted_live()
-    counts = (nft.live_counters() or {}) if live else {}
-    memo: dict[tuple[int, ...], list[str]] | None = {} if networks else None
-    ports = [_port_status(c, b, live, inv, counts, memo) for c in inv.containers
-             for b in c.bindings]
-    warnings: list[str] = _stale_direct(live, inv) if live else []
-    record = statedir.applied_record() if live is None else None
-    if record:
-        warnings.append(f"table inet dockfence is missing (flushed?): it was applied before "
-                        f"({record}); nothing is filtered until `dockfence apply` (a running "
-                        "`dockfence watch` puts it back)")
-    for p in ports:
-        if p.warning:
-            warnings.append(f"{p.container} {p.container_port} on {p.host}: {p.warning}")
-    if live is not None:
-        missing = sorted(b for b in inv.bridges
-                         if b not in live.docker_bridges and not covered_by_patterns(b))
-        if missing:
-            warnings.append(f"Docker network bridge(s) {', '.join(missing)} appeared after the "
-                            "last apply: ports first published there are not filtered until "
-                            "`dockfence apply`")
-    host_rules = [(f"{g.ports}/{g.proto}", str(g.sources), g.origin)
-                  for g in (live.host.gates if live and live.host else ())]
-    host_default = None
-    if live and live.host:
-        host_default = str(Sources.for_verdict(live.host.default))
-    return Status(live is not None, ports, host_rules, host_default, warnings,
-                  inv.firewall_backend,
-                  [counters.host_gate(counts, g) for g in (live.host.gates if live and live.host
-                                                           else ())],
-                  counters.defaults(counts, live) if live else {})

@@ -31,6 +31,7 @@ from .errors import DockfenceError, OperationalError, PolicyError
 from .incremental import Chains, ElementUpdate, closed_meanwhile, element_update, list_update
 from .model import Container, Inventory, Ruleset
 from .policy import Policy, load
+from .revoke import revoke
 from .stamp import Stamp, inventory_digest
 
 if TYPE_CHECKING:
@@ -459,7 +460,7 @@ class Watcher:
         while True:
             what, old, new, inv = self.revocations.get()
             try:
-                cut = engine.revoke(old, new, inv)
+                cut = revoke(old, new, inv)
             except DockfenceError as exc:
                 self.report(f"{what}: cutting connections failed: {exc}")
                 continue

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dockfence import counters, engine, policy, record
+from dockfence import counters, policy, record, status
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.discovery import bindings_of
@@ -192,12 +192,12 @@ def test_status_counts_each_address() -> None:
     counts = {"addr_v4_tcp_203_0_113_2_443_allowed": 3, "addr_v4_tcp_203_0_113_2_443_refused": 4,
               "tcp_ports_8443_refused": 7}
     b = next(c for c in inv.containers if c.name == "b")
-    row = engine._port_status(b, b.bindings[0], rs, inv, counts)
+    row = status._port_status(b, b.bindings[0], rs, inv, counts)
     assert (row.host, row.who, row.allowed, row.refused) == ("203.0.113.2:443", "partners", 3, 4)
     assert "p.yaml:11" in row.decided_by
     d = next(c for c in inv.containers if c.name == "d")
     assert counters.container_gate(counts, find_gate(rs.container_gates, "tcp", 8443)).refused == 7
-    assert engine._port_status(d, d.bindings[0], rs, inv, counts).refused == 7
+    assert status._port_status(d, d.bindings[0], rs, inv, counts).refused == 7
 
 
 def test_plan_speaks_of_address_and_port() -> None:

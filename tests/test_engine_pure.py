@@ -8,15 +8,11 @@ from dataclasses import replace
 from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.discovery import bindings_of, bridge_name, container_of, routed_families
-from dockfence.engine import (
-    _port_status,
-    _stale_direct,
-    flows_to_cut,
-    lockout,
-    parse_conntrack,
-)
+from dockfence.engine import lockout
 from dockfence.model import Binding, Inventory
 from dockfence.plan import diff
+from dockfence.revoke import flows_to_cut, parse_conntrack
+from dockfence.status import _port_status, _stale_direct
 
 from helpers import POLICY, scenario
 

@@ -56,7 +56,7 @@ TAG_REVOKED = "revoked"
 TAG_BANNED = "banned"
 TAG_EXCEPT = "except"
 TAG_LOOPBACK = "loopback from outside"
-# conntrack mark of flows a new policy revoked (see engine.revoke): "df" in the high bytes
+# conntrack mark of flows a new policy revoked (see dockfence.revoke): "df" in the high bytes
 REVOKED_MARK = 0x64660001
 # Loading or listing a table of a million addresses takes nft seconds (tens on a busy host)
 WHOLE_TABLE_TIMEOUT = 600
