@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 from dataclasses import dataclass
 
 from .backends import nftables as nft
@@ -94,11 +95,27 @@ def local_addresses() -> set[str]:
 
 
 def conntrack_flows() -> list[Flow]:
-    """Every flow conntrack tracks in this network namespace, both families."""
+    """Every flow conntrack tracks in this network namespace, both families (listed side by
+    side: each listing is a process of its own)."""
+    out: dict[str, str | OperationalError] = {}
+
+    def listing(family: str) -> None:
+        try:
+            out[family] = run(["conntrack", "-L", "-f", family], check=False).stdout
+        except OperationalError as exc:  # conntrack missing: the caller decides
+            out[family] = exc
+
+    workers = [threading.Thread(target=listing, args=(f,)) for f in ("ipv4", "ipv6")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     flows = []
     for family in ("ipv4", "ipv6"):
-        proc = run(["conntrack", "-L", "-f", family], check=False)
-        flows += parse_conntrack(proc.stdout)
+        text = out[family]
+        if isinstance(text, OperationalError):
+            raise text
+        flows += parse_conntrack(text)
     return flows
 
 

@@ -225,3 +225,59 @@ def table_handle(table: str) -> int | None:
                     (handle,) = struct.unpack_from("!Q", reply, at + 4)
                 at += (alen + 3) & ~3 if alen else length
     return handle
+
+
+NFT_MSG_GETSETELEM = 13
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+
+
+def element_comments(table: str, name: str) -> list[str] | None:
+    """The comment of every element of set `name` in `table inet TABLE` (a small set: the
+    stamp), or None when there is no such set (or table). A dump, read straight from the
+    kernel: no nft process, no cache of the table's other sets."""
+    seq = int.from_bytes(os.urandom(3), "big")
+    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
+                   seq, _str(LIST_TABLE, table) + _str(LIST_SET, name))
+    comments: list[str] = []
+    for kind, _, reply, pos, length in _replies(msg):
+        if kind == NLMSG_DONE:
+            return comments
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, pos + 16)
+            if error == 0:
+                return comments
+            if -error == errno.ENOENT:
+                return None
+            raise OperationalError(f"cannot read set {name}: {os.strerror(-error)}")
+        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+            continue
+        for a_kind, a, b in _attrs(reply, pos + 20, pos + length):  # past nfgenmsg
+            if a_kind != LIST_ELEMENTS:
+                continue
+            for e_kind, e, f in _attrs(reply, a, b):
+                for u_kind, u, v in _attrs(reply, e, f) if e_kind == LIST_ELEM else ():
+                    if u_kind == ELEM_USERDATA:
+                        comments += _udata_comments(reply[u:v])
+    return comments
+
+
+def _attrs(data: bytes, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of the attributes in data[start:stop]."""
+    while start + 4 <= stop:
+        alen, atype = struct.unpack_from("=HH", data, start)
+        if alen < 4:
+            return
+        yield atype & ~NLA_F_NESTED, start + 4, start + alen
+        start += (alen + 3) & ~3
+
+
+def _udata_comments(udata: bytes) -> list[str]:
+    """The comment records of an element's user data (type, length, value records)."""
+    out, at = [], 0
+    while at + 2 <= len(udata):
+        utype, ulen = udata[at], udata[at + 1]
+        if utype == UDATA_COMMENT:
+            out.append(udata[at + 2:at + 2 + ulen].rstrip(b"\0").decode(errors="replace"))
+        at += 2 + ulen
+    return out

@@ -530,13 +530,17 @@ def live_stamp_present() -> bool:
 
 
 def read_stamp() -> tuple[bool, Stamp | None]:
-    """(the table exists, its stamp or None), from one small set: cheap whatever the lists hold."""
-    proc = run(["nft", "-j", "list", "set", FAMILY, TABLE, STAMP_SET], check=False)
-    if proc.returncode != 0:
-        # no such set: no table at all, or a table too old to carry one
-        exists = run(["nft", "list", "tables", FAMILY], check=False).stdout
-        return f"table {FAMILY} {TABLE}" in exists.splitlines(), None
-    return True, stamp_in(json.loads(proc.stdout))
+    """(the table exists, its stamp or None), from one small set over netlink: cheap whatever
+    the lists hold, and no nft process."""
+    from . import netlink
+
+    try:
+        comments = netlink.element_comments(TABLE, STAMP_SET)
+        if comments is None:  # no such set: no table at all, or one too old to carry a stamp
+            return netlink.table_handle(TABLE) is not None, None
+    except OSError as exc:
+        raise OperationalError(f"cannot read table {TABLE}: {exc}") from None
+    return True, next((s for s in map(Stamp.parse, comments) if s is not None), None)
 
 
 def stamp_in(doc: dict[str, Any]) -> Stamp | None:
