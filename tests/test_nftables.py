@@ -183,3 +183,35 @@ def test_a_rebuild_starts_the_counters_where_they_were() -> None:
                           capture_output=True, text=True, check=True)
     (counter,) = [o["counter"] for o in json.loads(proc.stdout)["nftables"] if "counter" in o]
     assert counter["packets"] == 42
+
+
+@needs_root
+def test_stamp_and_counters_read_over_netlink_match_nft() -> None:
+    """In a throwaway namespace: no table reads as absent; a table without a stamp set as
+    present and unstamped; the named counters read over netlink (not nft, which would fetch
+    every list first) equal what `nft list counters` says, another table's namesakes apart."""
+    stamp = Stamp(digest(b"p1"), digest(b"i1"))
+    table = nft.transaction(nft.render(ruleset("scenario"), stamp,
+                                       counts={"tcp_ports_8081_allowed": 7, "banned": 3}))
+    script = (
+        "import json, subprocess, sys\n"
+        "from dockfence.backends import nftables as nft\n"
+        "print(nft.read_stamp(), nft.live_counters())\n"
+        "subprocess.run(['nft', 'add', 'table', 'inet', 'dockfence'], check=True)\n"
+        "print(nft.read_stamp())\n"
+        "nft.apply_text(sys.argv[1])\n"
+        "subprocess.run(['nft', 'add table inet other; add counter inet other banned'],\n"
+        "               check=True)\n"
+        "listed = subprocess.run(['nft', '-j', 'list', 'counters', 'table', 'inet',\n"
+        "                         'dockfence'], capture_output=True, text=True).stdout\n"
+        "ref = {o['counter']['name']: o['counter']['packets']\n"
+        "       for o in json.loads(listed)['nftables'] if 'counter' in o}\n"
+        "got = nft.live_counters()\n"
+        "print(nft.read_stamp()[1].text(), got == ref, len(got) > 10, got['banned'],\n"
+        "      got['tcp_ports_8081_allowed'])\n"
+    )
+    proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script, table],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["(False, None) None", "(True, None)",
+                                        f"{stamp.text()} True True 3 7"]

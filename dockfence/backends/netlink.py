@@ -281,3 +281,47 @@ def _udata_comments(udata: bytes) -> list[str]:
             out.append(udata[at + 2:at + 2 + ulen].rstrip(b"\0").decode(errors="replace"))
         at += 2 + ulen
     return out
+
+
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
+OBJECT_COUNTER = 1
+COUNTER_PACKETS = 2
+
+
+def counters(table: str) -> dict[str, int] | None:
+    """Packets counted by each named counter of `table inet TABLE`, or None when there is no
+    such table. Read as objects, over netlink: nft 1.0.6 would fetch every set element of the
+    table into its cache first (1.6 s at 100,000 addresses) just to list the counters."""
+    if table_handle(table) is None:
+        return None
+    seq = int.from_bytes(os.urandom(3), "big")
+    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                   _str(OBJ_TABLE, table) + _attr(OBJ_TYPE, struct.pack("!I", OBJECT_COUNTER)))
+    out: dict[str, int] = {}
+    for kind, _, reply, pos, length in _replies(msg):
+        if kind == NLMSG_DONE:
+            break
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, pos + 16)
+            if error == 0:
+                break
+            if -error == errno.ENOENT:
+                return None
+            raise OperationalError(f"cannot read the counters of {table}: "
+                                   f"{os.strerror(-error)}")
+        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+            continue
+        name, packets, ours = "", 0, False
+        for a_kind, a, b in _attrs(reply, pos + 20, pos + length):
+            if a_kind == OBJ_TABLE:
+                ours = reply[a:b].rstrip(b"\0").decode() == table
+            elif a_kind == OBJ_NAME:
+                name = reply[a:b].rstrip(b"\0").decode()
+            elif a_kind == OBJ_DATA:
+                for c_kind, c, _ in _attrs(reply, a, b):
+                    if c_kind == COUNTER_PACKETS:
+                        (packets,) = struct.unpack_from("!Q", reply, c)
+        if ours and name:
+            out[name] = packets
+    return out
