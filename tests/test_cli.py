@@ -264,6 +264,6 @@ def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None
     path = write(tmp_path, POLICY)
     loaded = _modules_after(NO_OP_APPLY.format(path=path), tmp_path)
     assert "dockfence.engine" in loaded
-    assert not loaded & (HEAVY - {"inspect"} | {"dockfence.policy", "dockfence.compile", "dockfence.plan",
-                                  "dockfence.explain", "dockfence.bans", "dockfence.counters",
-                                  "dockfence.located_yaml"})
+    assert not loaded & (HEAVY - {"inspect"} | {
+        "dockfence.policy", "dockfence.compile", "dockfence.plan", "dockfence.explain",
+        "dockfence.bans", "dockfence.counters", "dockfence.located_yaml"})
