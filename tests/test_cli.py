@@ -232,7 +232,7 @@ def test_help_loads_no_engine_validator_or_output_library(tmp_path: Path,
             f"    assert main({argv!r}) == 0\nassert out.getvalue().startswith('usage: ')")
     loaded = _modules_after(code, tmp_path)
     assert not loaded & (HEAVY | {"dockfence.engine", "dockfence.policy", "dockfence.discovery",
-                                  "dataclasses", "ipaddress"})
+                                  "dataclasses", "ipaddress", "subprocess", "shutil"})
 
 
 NO_OP_APPLY = """
@@ -266,4 +266,7 @@ def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None
     assert "dockfence.engine" in loaded
     assert not loaded & (HEAVY - {"inspect"} | {
         "dockfence.policy", "dockfence.compile", "dockfence.plan", "dockfence.explain",
-        "dockfence.bans", "dockfence.counters", "dockfence.located_yaml"})
+        "dockfence.bans", "dockfence.counters", "dockfence.located_yaml",
+        # it starts no process and writes no state: neither subprocess, nor shutil (bz2, lzma)
+        # for finding programs, nor secrets (random, hmac, base64) for naming a generation
+        "subprocess", "shutil", "bz2", "lzma", "secrets", "random"})
