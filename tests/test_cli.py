@@ -3,6 +3,7 @@ and exit codes."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -186,15 +187,38 @@ def test_process_exit_codes(tmp_path: Path) -> None:
     assert exit_code() == 2
 
 
-def test_closed_stdout_exits_quietly(tmp_path: Path) -> None:
-    """`dockfence schema | head -1`: the reader leaves early; no traceback, exit 1 (as click)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dockfence", "schema"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # before it writes: the write meets a closed pipe
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=60) == 1
-    assert stderr == b""
+def test_closed_stdout_exits_quietly() -> None:
+    """`dockfence schema | head -1`: the reader has left; no traceback, exit 1 (as click did)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails (EPIPE)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dockfence", "schema"], cwd=REPO,
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == b""
+
+
+def test_interrupted_command_says_aborted(capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, "remove", (interrupted, "", ()))
+    assert run(capsys, "remove") == (1, "", "\nAborted!\n")
+
+
+def test_colour_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli._style("No changes.", 32, Terminal()) == "\x1b[32mNo changes.\x1b[0m"
+    assert cli._style("No changes.", 32, io.StringIO()) == "No changes."
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert cli._style("No changes.", 32, Terminal()) == "No changes."
 
 
 # --- what each path loads (start-up cost: see scripts/bench_commands.py) ------------------------
