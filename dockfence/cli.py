@@ -1,8 +1,13 @@
 """The `dockfence` command: a thin layer over the engine. Exit codes: 0 ok, 1 operational
-failure, 2 invalid policy or usage; nothing is changed on any failure."""
+failure, 2 invalid policy or usage; nothing is changed on any failure.
+
+The command line is parsed with the standard library's argparse: click cost ~20 ms of start-up
+on every command (its imports: inspect, uuid, platform, datetime), a seventh of the 150 ms a
+no-op `apply` may take (issue 7, scripts/bench_commands.py)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -11,12 +16,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from functools import wraps
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
-import click
-
+from . import __version__
 from .console import err, escape, out
 from .errors import DockfenceError, UsageError
 
@@ -24,61 +27,214 @@ from .errors import DockfenceError, UsageError
 # engine or rich, and only commands that ask Docker load the Docker client. (`--help` does not
 # even load dataclasses or ipaddress: tests/test_cli.py.)
 if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv6Address
+
     from . import engine
+    from .model import Proto
     from .plan import Change
 
+    IPAddress = IPv4Address | IPv6Address
+
 DEFAULT_POLICY = "/etc/dockfence/policy.yaml"
+# the top level's help is printed as written (it lists the commands): lines fit 80 columns
+DESCRIPTION = """\
+Who may reach which published Docker container port: source allow-lists enforced
+with nftables on every path into a container."""
+EPILOG = """\
+Run `dockfence COMMAND -h` for what a command does and its options.
+Exit codes: 0 ok, 1 operational failure (nothing changed), 2 invalid policy or usage."""
+
+# --- argument types: a bad value is a usage error (exit 2) naming it --------------------------
+
+def _file(text: str) -> str:
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    return text
 
 
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DockfenceError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
-            sys.exit(exc.exit_code)
-    return wrapper
+def _directory(text: str) -> str:
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
 
 
-policy_option = click.option(
-    "--policy", "policy_path", envvar="DOCKFENCE_POLICY", default=DEFAULT_POLICY,
-    show_default=True, type=click.Path(dir_okay=False),
-    help="Policy file (default: $DOCKFENCE_POLICY, then /etc/dockfence/policy.yaml).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def _seconds(text: str) -> int:
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{seconds} is not in the range 1..3600 seconds")
+    return seconds
+
+
+def _address(text: str) -> IPAddress:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> tuple[int, Proto]:
+    from .explain import parse_port_arg
+
+    try:
+        return parse_port_arg(text)
+    except ValueError as exc:  # name the value when the message does not ("invalid port 0")
+        shown = str(exc) if repr(text) in str(exc) else f"{text!r}: {exc}"
+        raise argparse.ArgumentTypeError(shown) from None
+
+
+# --- the command table: each command is a function taking its options as keywords -------------
+
+Option = tuple[tuple[str, ...], dict[str, Any]]
+Command = Callable[..., int | None]
+_COMMANDS: dict[str, tuple[Command, str, tuple[Option, ...]]] = {}
+
+
+def opt(*flags: str, **settings: Any) -> Option:
+    """One argparse argument of a command (add_argument's parameters)."""
+    return flags, settings
+
+
+def command(name: str, summary: str, *options: Option) -> Callable[[Command], Command]:
+    """Register a command: its name, the line `dockfence -h` shows, its options; the function's
+    docstring is its `-h` description."""
+    def register(fn: Command) -> Command:
+        _COMMANDS[name] = (fn, summary, options)
+        return fn
+    return register
+
+
+# its default is read when the parser is built, on every run ($DOCKFENCE_POLICY as it is now)
+POLICY = opt("--policy", dest="policy_path", metavar="FILE", type=_file,
+             help=f"Policy file (default: $DOCKFENCE_POLICY, then {DEFAULT_POLICY}).")
+JSON = opt("--json", dest="as_json", action="store_true", help="Machine-readable output.")
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, the terminal's width, or 80."""
+    with contextlib.suppress(KeyError, ValueError):
+        if (columns := int(os.environ["COLUMNS"])) > 0:
+            return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's layout at the terminal's width, found without importing shutil as argparse
+    does for every argument it adds (shutil pulls in bz2 and lzma: ~2 ms of start-up)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+class _ListingFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    """The top level's help: its description (the list of commands) printed as written."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The top level: `-h`, `--version`, and what names no command. One parser, not one per
+    command (argparse subparsers: ~0.3 ms each, it looks up a translation for every message)."""
+    width = max(map(len, _COMMANDS)) + 2
+    listing = "\n".join(f"  {name:{width}}{summary}" for name, (_, summary, _) in _COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="dockfence", usage="%(prog)s [-h] [--version] COMMAND [ARGS...]",
+        description=f"{DESCRIPTION}\n\ncommands:\n{listing}", epilog=EPILOG, allow_abbrev=False,
+        formatter_class=_ListingFormatter)
+    parser.add_argument("--version", action="version", version=f"dockfence, version "
+                        f"{__version__}", help="show the version and exit")
+    parser.add_argument("command", nargs="?", choices=list(_COMMANDS), metavar="COMMAND",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    fn, _, options = _COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"dockfence {name}", description=fn.__doc__,
+                                     allow_abbrev=False, formatter_class=_Formatter)
+    for flags, settings in options:
+        parser.add_argument(*flags, **settings)
+    if POLICY in options:  # a string default goes through the type check, like a value
+        parser.set_defaults(policy_path=os.environ.get("DOCKFENCE_POLICY") or DEFAULT_POLICY)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line (default: sys.argv[1:]) and return its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if not argv or argv[0] not in _COMMANDS:  # -h, --version, no or an unknown command
+            top = _parser()
+            given = top.parse_args(argv)
+            if given.command is None:  # `dockfence` alone: the help, as a usage error
+                top.print_help(sys.stderr)
+                return 2
+            argv = [given.command, *given.args]  # `dockfence -- apply ...`
+        name = argv[0]
+        args = vars(_command_parser(name).parse_args(argv[1:]))
+    except SystemExit as exc:  # -h, --version (0) and usage errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[name][0](**args) or 0
+    except DockfenceError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nAborted!", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `dockfence status | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+# --- output helpers ---------------------------------------------------------------------------
+
+def _echo(text: str, stream: TextIO | None = None) -> None:
+    """One line, flushed at once (the order of stdout and stderr lines stays as written)."""
+    stream = stream or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _style(word: str, colour: int, stream: TextIO) -> str:
+    """`word` in an ANSI colour on a terminal (not with $NO_COLOR), as itself elsewhere."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return f"\x1b[{colour}m{word}\x1b[0m" if tty and not os.environ.get("NO_COLOR") else word
 
 
 def _warn(warnings: list[str]) -> None:
-    # click, not rich: a no-op apply prints only this and must not pay for rich's imports
+    # plain writes, not rich: a no-op apply prints only this and must not pay for rich's imports
     for w in warnings:
-        click.echo(click.style("warning:", fg="yellow") + f" {w}", err=True)
+        _echo(_style("warning:", 33, sys.stderr) + f" {w}", sys.stderr)
 
 
 def _no_changes() -> None:
-    click.echo(click.style("No changes.", fg="green") +
-               " The live rules already match the policy.")
+    _echo(_style("No changes.", 32, sys.stdout) + " The live rules already match the policy.")
 
 
 def _emit_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    _echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="dockfence")
-def main() -> None:
-    """Who may reach which published Docker container port: source allow-lists enforced with
-    nftables on every path into a container."""
+# --- the commands -------------------------------------------------------------------------------
 
-
-@main.command()
-@policy_option
-@_errors
+@command("check", "Validate the policy file; print OK.", POLICY)
 def check(policy_path: str) -> None:
     """Validate the policy file; print OK."""
     from . import policy
 
     policy.load(policy_path)
-    click.echo("OK")
+    _echo("OK")
 
 
 _MARK = {"add": ("+", "green"), "remove": ("-", "red"), "change": ("~", "yellow"),
@@ -118,11 +274,8 @@ def _show_plan(plan: engine.Plan, verbose: bool) -> None:
                   "(policy lines moved, or the table was edited by hand): apply rewrites it")
 
 
-@main.command("plan")
-@policy_option
-@json_option
-@click.option("-v", "--verbose", is_flag=True, help="Also list what stays the same.")
-@_errors
+@command("plan", "Show what apply would change; change nothing.", POLICY, JSON,
+         opt("-v", "--verbose", action="store_true", help="Also list what stays the same."))
 def plan_cmd(policy_path: str, as_json: bool, verbose: bool) -> None:
     """Show what apply would change against the live kernel state; change nothing."""
     from . import engine
@@ -147,16 +300,15 @@ def _ask(seconds: int) -> Callable[[], bool]:
     return confirm
 
 
-@main.command()
-@policy_option
-@click.option("--force", is_flag=True, help="Apply even if it would deny your own SSH session.")
-@click.option("--confirm", "confirm_seconds", type=click.IntRange(1, 3600), metavar="SECONDS",
-              help="Keep the new rules only if you confirm within SECONDS (type yes); "
-              "otherwise roll back. For remote sessions, like iptables-apply.")
-@click.option("--full", is_flag=True,
-              help="Read the whole live table back instead of trusting its stamp (rewrites a "
-              "table edited by hand).")
-@_errors
+@command("apply", "Make the host match the policy, as one atomic transaction.", POLICY,
+         opt("--force", action="store_true",
+             help="Apply even if it would deny your own SSH session."),
+         opt("--confirm", dest="confirm_seconds", type=_seconds, metavar="SECONDS",
+             help="Keep the new rules only if you confirm within SECONDS (1 to 3600; type "
+             "yes); otherwise roll back. For remote sessions, like iptables-apply."),
+         opt("--full", action="store_true",
+             help="Read the whole live table back instead of trusting its stamp (rewrites a "
+             "table edited by hand)."))
 def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool) -> None:
     """Make the host match the policy, as one atomic transaction."""
     from . import engine
@@ -174,11 +326,9 @@ def apply(policy_path: str, force: bool, confirm_seconds: int | None, full: bool
               + (f" Cut {cut} established connection(s) the policy now denies." if cut else ""))
 
 
-@main.command()
-@policy_option
-@click.option("--metrics", "metrics_at", metavar="ADDRESS:PORT",
-              help="Serve Prometheus metrics on this address only (e.g. 127.0.0.1:9464).")
-@_errors
+@command("watch", "Keep the rules in step with Docker and the policy.", POLICY,
+         opt("--metrics", dest="metrics_at", metavar="ADDRESS:PORT",
+             help="Serve Prometheus metrics on this address only (e.g. 127.0.0.1:9464)."))
 def watch(policy_path: str, metrics_at: str | None) -> None:
     """Keep the rules in step with Docker: a full apply now, then element updates on every
     container or network event, and a full apply on every policy edit or when the table was
@@ -193,7 +343,7 @@ def watch(policy_path: str, metrics_at: str | None) -> None:
     if metrics_at:
         from .metrics import Metrics, parse_address
 
-        address, port = parse_address(metrics_at)
+        address, port = parse_address(metrics_at)  # a bad ADDRESS:PORT: exit 2, named
         metrics = Metrics()
         try:
             metrics.serve(address, port)
@@ -236,11 +386,10 @@ def _report_refusals(report: Callable[[str], None], stop: threading.Event) -> No
         report(f"refused attempts cannot be read: {exc}")
 
 
-@main.command("log")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing refused attempts as they "
-              "happen.")
-@json_option
-@_errors
+@command("log", "Refused attempts, and the policy line that said no.",
+         opt("-f", "--follow", action="store_true",
+             help="Keep printing refused attempts as they happen."),
+         JSON)
 def log_cmd(follow: bool, as_json: bool) -> None:
     """Refused attempts: when, from where, what was asked for, and the policy line that said no.
     Recorded while `dockfence watch` (or `dockfence log --follow`) runs; floods are summarised.
@@ -249,10 +398,7 @@ def log_cmd(follow: bool, as_json: bool) -> None:
     from .nflog import GroupBusy
 
     def show(r: refusals.Record) -> None:
-        if as_json:
-            click.echo(json.dumps(refusals.as_json(r)))
-        else:
-            click.echo(r.line())
+        _echo(json.dumps(refusals.as_json(r)) if as_json else r.line())
 
     if not follow:
         for r in refusals.read_history():
@@ -271,9 +417,7 @@ def log_cmd(follow: bool, as_json: bool) -> None:
                 show(r)
 
 
-@main.command()
-@json_option
-@_errors
+@command("status", "What is enforced now: every published port and who may reach it.", JSON)
 def status(as_json: bool) -> None:
     """What is enforced now: every published port and who may reach it."""
     from dataclasses import asdict
@@ -335,32 +479,25 @@ def _count(n: int | None) -> str:
     return "" if n is None else f"{n:,}"
 
 
-@main.command("explain")
-@click.argument("source")
-@click.argument("port")
-@click.option("--to", "to", metavar="ADDRESS", help="Destination address (a host address, or a "
-              "container address for direct routing).")
-@policy_option
-@json_option
-@_errors
-def explain_cmd(source: str, port: str, to: str | None, policy_path: str, as_json: bool) -> None:
+@command("explain", "Would SOURCE reach PORT? The verdict and the deciding line.",
+         opt("source", metavar="SOURCE", type=_address,
+             help="The client's address (IPv4 or IPv6)."),
+         opt("port", metavar="PORT", type=_port,
+             help="The port it connects to: PORT, PORT/tcp or PORT/udp."),
+         opt("--to", metavar="ADDRESS", type=_address, help="Destination address (a host "
+             "address, or a container address for direct routing)."),
+         POLICY, JSON)
+def explain_cmd(source: IPAddress, port: tuple[int, Proto], to: IPAddress | None,
+                policy_path: str, as_json: bool) -> None:
     """Would SOURCE get through to PORT[/PROTO]? The verdict and the policy line that decided."""
-    import ipaddress
     from dataclasses import replace
 
     from . import banning, engine
     from .explain import explain as explain_verdict
-    from .explain import parse_port_arg
 
-    try:
-        src = ipaddress.ip_address(source)
-        dst = ipaddress.ip_address(to) if to else None
-        port_no, proto = parse_port_arg(port)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
     pol, inv, rs = engine.desired_state(policy_path)
-    ex = explain_verdict(rs, inv, src, port_no, proto, dst)
-    ban = banning.ban_of(src)
+    ex = explain_verdict(rs, inv, source, *port, to)
+    ban = banning.ban_of(source)
     if ban is not None and ex.verdict is not None:
         ex = replace(ex, verdict="deny", decided_by=f"dockfence ban {ban.network}",
                      reason="banned (" + (f"{ban.reason}; " if ban.reason else "") +
@@ -391,11 +528,9 @@ _LEVEL = {"ok": "[green]ok[/]      ", "warning": "[yellow]warning[/] ",
           "failure": "[bold red]FAILURE[/] "}
 
 
-@main.command()
-@policy_option
-@json_option
-@_errors
-def doctor(policy_path: str, as_json: bool) -> None:
+@command("doctor", "Check that dockfence holds here, with the fix for each problem.",
+         POLICY, JSON)
+def doctor(policy_path: str, as_json: bool) -> int:
     """Check whether dockfence holds on this host, line by line, with the fix for each problem.
     Changes nothing. Exit 0 when nothing fails, 1 otherwise."""
     from . import doctor as doc
@@ -414,16 +549,18 @@ def doctor(policy_path: str, as_json: bool) -> None:
                   + ("dockfence holds on this host." if summary["ok"] else
                      "dockfence does not hold on this host until the failures are fixed."),
                   markup=False)
-    sys.exit(1 if doc.failed(checks) else 0)
+    return 1 if doc.failed(checks) else 0
 
 
-@main.command()
-@click.argument("address")
-@click.option("--for", "duration", default="forever", show_default=True, metavar="DURATION",
-              help="How long: 90, 90s, 10m, 1h, 2d, 1w, or forever (fail2ban's -1 too).")
-@click.option("--reason", default="", help="A note kept with the ban (shown by `bans`).")
-@click.option("--force", is_flag=True, help="Ban even the address of your own SSH session.")
-@_errors
+@command("ban", "Refuse an address or CIDR everywhere dockfence filters.",
+         opt("address", metavar="ADDRESS", help="An address or a CIDR."),
+         opt("--for", dest="duration", default="forever", metavar="DURATION",
+             help="How long: 90, 90s, 10m, 1h, 2d, 1w, or forever (fail2ban's -1 too; "
+             "default: forever)."),
+         opt("--reason", default="", metavar="TEXT",
+             help="A note kept with the ban (shown by `bans`)."),
+         opt("--force", action="store_true",
+             help="Ban even the address of your own SSH session."))
 def ban(address: str, duration: str, reason: str, force: bool) -> None:
     """Refuse ADDRESS (or a CIDR) on every published port and host port dockfence filters,
     `from: any` included, and cut its established flows to containers. Survives re-apply,
@@ -437,9 +574,8 @@ def ban(address: str, duration: str, reason: str, force: bool) -> None:
               (f"; cut {cut} established flow(s)" if cut else "") + ".")
 
 
-@main.command()
-@click.argument("address")
-@_errors
+@command("unban", "Lift a ban.",
+         opt("address", metavar="ADDRESS", help="A banned address or CIDR."))
 def unban(address: str) -> None:
     """Lift a ban."""
     from . import banning
@@ -450,9 +586,7 @@ def unban(address: str) -> None:
         out.print(f"{escape(address)} was not banned.")
 
 
-@main.command("bans")
-@json_option
-@_errors
+@command("bans", "The bans in force and how long each has left.", JSON)
 def bans_cmd(as_json: bool) -> None:
     """The bans in force and how long each has left."""
     from rich.table import Table
@@ -477,19 +611,17 @@ def bans_cmd(as_json: bool) -> None:
     out.print(table)
 
 
-@main.command()
+@command("schema", "Print the policy's JSON Schema (for editors).")
 def schema() -> None:
     """Print the policy's JSON Schema (for editors' YAML language servers)."""
     from . import policy
 
-    doc = policy.json_schema()
-    click.echo(json.dumps(doc, indent=2))
+    _echo(json.dumps(policy.json_schema(), indent=2))
 
 
-@main.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write the policy to this new file (never overwritten) instead of stdout.")
-@_errors
+@command("init", "Print a starting policy for the containers running now.",
+         opt("-o", "--output", type=_file, metavar="FILE",
+             help="Write the policy to this new file (never overwritten) instead of stdout."))
 def init(output: str | None) -> None:
     """Print a starting policy for the containers running now: every published port as a rule
     with an empty allow-list to fill in, everything else denied."""
@@ -500,7 +632,8 @@ def init(output: str | None) -> None:
         raise UsageError(f"{output} exists: dockfence init never overwrites a file")
     text = starting_policy(inventory())
     if output is None:
-        click.echo(text, nl=False)
+        sys.stdout.write(text)
+        sys.stdout.flush()
         return
     try:
         with open(output, "x", encoding="utf-8") as fh:
@@ -513,8 +646,7 @@ def init(output: str | None) -> None:
               f"--policy {escape(output)}`", markup=False)
 
 
-@main.command()
-@_errors
+@command("remove", "Delete everything dockfence installed (and nothing else).")
 def remove() -> None:
     """Delete everything dockfence installed (and nothing else)."""
     from . import engine
@@ -525,8 +657,7 @@ def remove() -> None:
         out.print("Nothing to remove: dockfence is not installed.")
 
 
-@main.command()
-@_errors
+@command("restore", "Load the rules applied last (at boot, before Docker).")
 def restore() -> None:
     """Load the rules applied last (recorded in $DOCKFENCE_STATE_DIR, default
     /var/lib/dockfence) without Docker or the policy: for boot, before Docker starts."""
@@ -538,16 +669,16 @@ def restore() -> None:
         out.print("Nothing saved: dockfence has not applied anything on this host.")
 
 
-@main.command()
-@click.option("--docker-bin-dir", type=click.Path(file_okay=False), default=None,
-              help="Run the sandbox's dockerd from this directory (e.g. Docker 28.5).")
-@click.option("--keep", is_flag=True, help="Leave the sandbox running (prints how to remove it).")
-@_errors
-def demo(docker_bin_dir: str | None, keep: bool) -> None:
+@command("demo", "Prove it with real packets in a sandboxed Docker host.",
+         opt("--docker-bin-dir", type=_directory, metavar="DIRECTORY",
+             help="Run the sandbox's dockerd from this directory (e.g. Docker 28.5)."),
+         opt("--keep", action="store_true",
+             help="Leave the sandbox running (prints how to remove it)."))
+def demo(docker_bin_dir: str | None, keep: bool) -> int:
     """Build a sandboxed Docker host in network namespaces, apply the django/postgres example
     policy, and prove with real packets who gets in. Needs root; touches only its namespaces."""
     from .demo import run_demo  # the lab is only needed here
 
     if os.geteuid() != 0:
-        raise click.UsageError("the demo creates network namespaces and runs dockerd: run as root")
-    sys.exit(run_demo(out, docker_bin_dir=docker_bin_dir, keep=keep))
+        raise UsageError("the demo creates network namespaces and runs dockerd: run as root")
+    return run_demo(out, docker_bin_dir=docker_bin_dir, keep=keep)

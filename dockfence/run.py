@@ -1,12 +1,18 @@
-"""The one place that starts subprocesses: argv lists only, a fixed environment, clear errors."""
+"""The one place that starts subprocesses: argv lists only, a fixed environment, clear errors.
+
+subprocess is imported on the first run, not with this module: an `apply` that changes nothing
+reads the kernel over netlink and starts no process (~2 ms of start-up, scripts/bench_commands.py).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+from typing import TYPE_CHECKING
 
 from .errors import OperationalError
+
+if TYPE_CHECKING:
+    import subprocess
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -14,9 +20,11 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def run(argv: list[str], *, stdin: str | None = None, check: bool = True,
         timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ.get("PATH", _PATH) + ":" + _PATH, "LC_ALL": "C"}
-    if shutil.which(argv[0], path=env["PATH"]) is None:
+    if not _found(argv[0], env["PATH"]):
         raise OperationalError(f"{argv[0]} not found: install it (package "
                                f"{_PACKAGES.get(argv[0], argv[0])})")
+    import subprocess
+
     try:
         proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env,
                               timeout=timeout, check=False)
@@ -26,6 +34,13 @@ def run(argv: list[str], *, stdin: str | None = None, check: bool = True,
         detail = (proc.stderr or proc.stdout).strip()
         raise OperationalError(f"{' '.join(argv[:3])} failed: {detail}")
     return proc
+
+
+def _found(program: str, path: str) -> bool:
+    """shutil.which(program, path=path) is not None, without shutil's imports (bz2, lzma)."""
+    candidates = [program] if os.sep in program else [
+        os.path.join(folder, program) for folder in path.split(os.pathsep) if folder]
+    return any(os.access(c, os.X_OK) and not os.path.isdir(c) for c in candidates)
 
 
 _PACKAGES = {"nft": "nftables", "conntrack": "conntrack", "unshare": "util-linux"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +105,7 @@ class Record:
     def save_table(self, table: str) -> Undo:
         """Record a full table (a new generation; the journal starts empty)."""
         old_generation = self.generation
-        generation = secrets.token_hex(8)
+        generation = os.urandom(8).hex()  # secrets.token_hex, without its imports
         header = f"# dockfence state {FORMAT} generation={generation} digest={_sum(table)}\n"
         try:
             old_table, old_journal = _read(self.table_path), _read(self.journal_path)

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from dockfence import cli, doctor, policy
 from dockfence.compile import compile_policy
@@ -228,16 +227,15 @@ def test_probe_table_renders_every_rule_kind() -> None:
         assert feature in text, feature
 
 
-def test_cli_exit_codes_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    runner = CliRunner()
+def test_cli_exit_codes_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(doctor, "gather", lambda path: replace(healthy(), policy_path=path))
-    ok = runner.invoke(cli.main, ["doctor", "--policy", str(tmp_path / "p.yaml")])
-    assert ok.exit_code == 0, ok.output
-    assert ok.output.splitlines()[0].startswith("ok")
+    assert cli.main(["doctor", "--policy", str(tmp_path / "p.yaml")]) == 0
+    ok = capsys.readouterr()
+    assert ok.out.splitlines()[0].startswith("ok"), ok
     monkeypatch.setattr(doctor, "gather",
                         lambda path: replace(healthy(), nft_version=None, policy_path=path))
-    bad = runner.invoke(cli.main, ["doctor", "--json"])
-    assert bad.exit_code == 1
-    data = json.loads(bad.output)
+    assert cli.main(["doctor", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
     assert data["checks"][0] == {"name": "nft", "level": "failure", "message": "nft not found",
                                  "fix": "install nftables (apt-get install nftables)"}
