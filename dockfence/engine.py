@@ -110,9 +110,10 @@ def make_plan(policy_path: str) -> Plan:
     by hand shows, whatever its stamp says)."""
     from .plan import diff
 
+    listing = nft.live_json_later()  # nft lists the table while the policy is read and compiled
     pol, inv, desired = desired_state(policy_path)
     st = stamp_of(pol, inv)
-    doc = nft.live_json()
+    doc = listing()
     live = nft.parse_live(doc) if doc is not None else None
     unchanged = (live is not None and nft.same_table(live, desired)
                  and nft.same_structure(doc, nft.render(desired, st, elements=False)))  # type: ignore[arg-type]
@@ -171,6 +172,10 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
                 return quick, 0
         from .plan import diff
 
+        exists, live_st = nft.read_stamp()
+        live = record.ruleset(live_st) if exists and live_st and not full else None
+        # without a record, nft lists the table while the policy is read and compiled
+        listing = nft.live_json_later() if exists and live is None else None
         try:
             pol, inv, desired = desired_state(policy_path, inv)
         except listurls.MissingCopy as exc:  # say why the download failed, too
@@ -179,11 +184,9 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         if risk:
             raise LockoutError(risk)
         st = stamp_of(pol, inv)
-        exists, live_st = nft.read_stamp()
-        live = record.ruleset(live_st) if exists and live_st and not full else None
         doc = None
-        if exists and live is None:
-            doc = nft.live_json()
+        if listing is not None:
+            doc = listing()
             live = nft.parse_live(doc) if doc is not None else None
         # a rebuild loads the same decisions: the counters keep what they counted
         table = nft.render(desired, st, counts=(nft.live_counters() or {}) if rebuild else None)

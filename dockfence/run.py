@@ -7,7 +7,8 @@ reads the kernel over netlink and starts no process (~2 ms of start-up, scripts/
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import OperationalError
 
@@ -34,6 +35,32 @@ def run(argv: list[str], *, stdin: str | None = None, check: bool = True,
         detail = (proc.stderr or proc.stdout).strip()
         raise OperationalError(f"{' '.join(argv[:3])} failed: {detail}")
     return proc
+
+
+def background(argv: list[str], *, check: bool = True, timeout: float = 60,
+               ) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """run(argv), started now; what it returns waits for the result (and raises what run()
+    would). A command whose answer is needed later runs beside the caller's own work, on
+    another CPU (nft listing a big table while the policy is parsed and compiled)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["proc"] = run(argv, check=check, timeout=timeout)
+        except BaseException as exc:  # handed to the caller, in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True, name=argv[0])
+    worker.start()
+
+    def result() -> subprocess.CompletedProcess[str]:
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]  # type: ignore[no-any-return]
+    return result
 
 
 def _found(program: str, path: str) -> bool:

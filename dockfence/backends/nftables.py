@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from ..model import (
     Verdict,
     show_network,
 )
-from ..run import run
+from ..run import background, run
 from ..stamp import Stamp
 
 FAMILY, TABLE = "inet", "dockfence"
@@ -569,14 +570,24 @@ def removal() -> str:
 
 def live_json() -> dict[str, Any] | None:
     """The live table as nft JSON without stateful values, or None if dockfence is not installed."""
-    proc = run(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False,
-               timeout=WHOLE_TABLE_TIMEOUT)
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
-            return None
-        raise OperationalError(f"nft list table failed: {proc.stderr.strip()}")
-    with addresses.no_gc():  # a dict per set element, no cycles
-        return json.loads(proc.stdout)
+    return live_json_later()()
+
+
+def live_json_later() -> Callable[[], dict[str, Any] | None]:
+    """live_json(), with nft listing the table from now on: the returned function waits for it.
+    Listing 100,000 addresses takes nft seconds; the caller parses and compiles meanwhile."""
+    listing = background(["nft", "-j", "-s", "list", "table", FAMILY, TABLE], check=False,
+                         timeout=WHOLE_TABLE_TIMEOUT)
+
+    def result() -> dict[str, Any] | None:
+        proc = listing()
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+                return None
+            raise OperationalError(f"nft list table failed: {proc.stderr.strip()}")
+        with addresses.no_gc():  # a dict per set element, no cycles
+            return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    return result
 
 
 def live_counters() -> dict[str, int] | None:
