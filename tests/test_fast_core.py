@@ -251,3 +251,26 @@ def test_listed_set_elements_in_every_shape_nft_prints() -> None:
     blocks = nft._set_blocks(4, elems)
     assert sorted(str(addresses.to_network(4, b)) for b in blocks) == [
         "198.51.100.128/25", "198.51.100.7/32", "203.0.113.0/28", "203.0.113.16/30"]
+
+
+def test_list_discovery_is_remembered_by_the_policy_text(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A no-op apply finds a policy's list files without a YAML parser when the same text was
+    read before; another text is parsed afresh, and a damaged memo is only a miss."""
+    monkeypatch.setattr(listfiles, "MEMO", tmp_path / "discovered.json")
+    text = "version: 1\nlists:\n  geo: {file: geo.txt}\n  cdn: {url: 'https://x.example/l'}\n"
+    want = [["geo", "file", "geo.txt"], ["cdn", "url", {"url": "https://x.example/l"}]]
+    listfiles._discover.cache_clear()
+    assert [list(f) for f in listfiles.discover(text, "p.yaml") or []] == want
+    listfiles._discover.cache_clear()
+    monkeypatch.setattr(listfiles, "_parse_lists", lambda _: pytest.fail("parsed again"))
+    assert listfiles.discover(text, "p.yaml") == want
+    listfiles._discover.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(listfiles, "MEMO", tmp_path / "discovered.json")
+    other = text.replace("geo.txt", "geo2.txt")
+    assert listfiles.discover(other, "p.yaml")[0][2] == "geo2.txt"  # type: ignore[index]
+    (tmp_path / "discovered.json").write_text("{not json")
+    listfiles._discover.cache_clear()
+    assert listfiles.discover(text, "p.yaml")[0][2] == "geo.txt"  # type: ignore[index]
+    listfiles._discover.cache_clear()
