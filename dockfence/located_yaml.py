@@ -117,6 +117,8 @@ def load(source: str | bytes) -> Located:
         mark = exc.problem_mark or exc.context_mark
         # libyaml may point one line past the end of a file that ends inside a quoted scalar
         line = min(mark.line + 1, line_at(text, len(text))) if mark else None
+        if "nesting depth" in str(exc.problem):  # libyaml >= 0.2.6 stops at its own depth
+            raise YAMLError(line, f"nested more than {MAX_DEPTH} levels deep") from None
         raise YAMLError(line, f"not valid YAML: {exc.problem or exc.context}") from None
     except yaml.reader.ReaderError as exc:  # libyaml counts UTF-8 bytes
         at = len(text.encode()[: exc.position].decode(errors="ignore"))
