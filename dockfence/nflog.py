@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .backends.netlink import attr, attrs
 from .errors import OperationalError
 
 NETLINK_NETFILTER = 12
@@ -29,7 +30,6 @@ _NLMSG_ERROR, _NLM_F_REQUEST, _NLM_F_ACK = 2, 1, 4
 _CFG_CMD, _CFG_MODE, _CFG_QTHRESH, _CFG_TIMEOUT = 1, 2, 5, 4
 _CMD_BIND, _COPY_PACKET = 1, 2
 _ATTR_TIMESTAMP, _ATTR_PAYLOAD, _ATTR_PREFIX = 3, 9, 10
-_NLA_TYPE_MASK = 0x3FFF
 COPY_RANGE = 80  # the IP header (IPv4 with options: 60) and the transport ports
 
 
@@ -48,21 +48,6 @@ class Packet:
     sport: int | None
     dst: str
     dport: int | None
-
-
-def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    off = 0
-    while off + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            return
-        yield kind & _NLA_TYPE_MASK, data[off + 4:off + length]
-        off += (length + 3) & ~3
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(value), kind) + value
-    return raw + b"\0" * (-len(raw) % 4)
 
 
 _PROTOS = {6: "tcp", 17: "udp"}
@@ -95,7 +80,8 @@ def parse_message(data: bytes) -> Iterator[Packet]:
         if length < 16:
             return
         if kind == _MSG_PACKET:
-            fields = dict(_attrs(data[off + 20:off + length]))  # after nlmsghdr + nfgenmsg
+            fields = {kind: data[a:b] for kind, a, b in  # after nlmsghdr + nfgenmsg
+                      attrs(data, off + 20, off + length)}
             got = parse_payload(fields.get(_ATTR_PAYLOAD, b""))
             if got is not None:
                 when = time.time()
@@ -118,11 +104,11 @@ class Subscriber:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             self.sock.bind((0, 0))
-            self._configure(_attr(_CFG_CMD, bytes([_CMD_BIND])))
-            self._configure(_attr(_CFG_MODE, struct.pack("!IBx", COPY_RANGE, _COPY_PACKET))
+            self._configure(attr(_CFG_CMD, bytes([_CMD_BIND])))
+            self._configure(attr(_CFG_MODE, struct.pack("!IBx", COPY_RANGE, _COPY_PACKET))
                             # batch up to 32 packets or 0.1 s: fewer wakeups in a flood
-                            + _attr(_CFG_QTHRESH, struct.pack("!I", 32))
-                            + _attr(_CFG_TIMEOUT, struct.pack("!I", 10)))
+                            + attr(_CFG_QTHRESH, struct.pack("!I", 32))
+                            + attr(_CFG_TIMEOUT, struct.pack("!I", 10)))
         except BaseException:
             self.sock.close()
             raise

@@ -30,6 +30,7 @@ NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # without the nested and byte-order flags
 NFPROTO_INET = 1
 # attribute numbers from linux/netfilter/nf_tables.h
 LIST_TABLE, LIST_SET, LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
@@ -101,17 +102,17 @@ def interval(first: bytes, last: bytes, verdict: str | None = None,
 
 # --- encoding --------------------------------------------------------------------------------
 
-def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+def attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
     head = struct.pack("=HH", 4 + len(payload), kind | (NLA_F_NESTED if nested else 0))
     return head + payload + b"\0" * (-len(payload) % 4)
 
 
 def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+    return attr(kind, text.encode() + b"\0")
 
 
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("!i", value))
+    return attr(kind, struct.pack("!i", value))
 
 
 def _verdict(text: str) -> bytes:
@@ -119,7 +120,7 @@ def _verdict(text: str) -> bytes:
     if word not in _VERDICTS or bool(chain) != (word in ("jump", "goto")):
         raise OperationalError(f"unsupported verdict {text!r}")
     body = _u32(VERDICT_CODE, _VERDICTS[word]) + (_str(VERDICT_CHAIN, chain) if chain else b"")
-    return _attr(DATA_VERDICT, body, nested=True)
+    return attr(DATA_VERDICT, body, nested=True)
 
 
 def _comment(text: str) -> bytes:
@@ -128,14 +129,14 @@ def _comment(text: str) -> bytes:
 
 
 def _element(e: Element) -> bytes:
-    body = _attr(ELEM_KEY, _attr(DATA_VALUE, e.key), nested=True)
+    body = attr(ELEM_KEY, attr(DATA_VALUE, e.key), nested=True)
     if e.end:
         body += _u32(ELEM_FLAGS, INTERVAL_END)
     if e.verdict is not None:
-        body += _attr(ELEM_DATA, _verdict(e.verdict), nested=True)
+        body += attr(ELEM_DATA, _verdict(e.verdict), nested=True)
     if e.comment is not None:
-        body += _attr(ELEM_USERDATA, _comment(e.comment))
-    return _attr(LIST_ELEM, body, nested=True)
+        body += attr(ELEM_USERDATA, _comment(e.comment))
+    return attr(LIST_ELEM, body, nested=True)
 
 
 def _message(kind: int, flags: int, seq: int, payload: bytes, res_id: int = 0) -> bytes:
@@ -153,7 +154,7 @@ def batch(table: str, ops: list[Op], seq: int = 1) -> tuple[bytes, list[int]]:
         cmd = NFT_MSG_NEWSETELEM if op.add else NFT_MSG_DELSETELEM
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if op.add else 0)
         payload = (_str(LIST_TABLE, table) + _str(LIST_SET, op.set)
-                   + _attr(LIST_ELEMENTS, b"".join(_element(e) for e in op.elements), True))
+                   + attr(LIST_ELEMENTS, b"".join(_element(e) for e in op.elements), True))
         out.append(_message((NFNL_SUBSYS_NFTABLES << 8) | cmd, flags, seq, payload))
         acked.append(seq)
     seq += 1
@@ -199,76 +200,79 @@ def _replies(data: bytes) -> Iterator[tuple[int, int, bytes, int, int]]:
 
 NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE = 1, 0
 TABLE_NAME, TABLE_HANDLE = 1, 4
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
+OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
+OBJECT_COUNTER = 1
+COUNTER_PACKETS = 2
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+
+
+def _query(command: int, flags: int, payload: bytes, answer: int, what: str,
+           ) -> list[tuple[bytes, int, int]] | None:
+    """Ask nf_tables once (a get, or a dump with NLM_F_DUMP): (buffer, start, end) of the
+    attributes of every `answer` message, past its nfgenmsg; None when the kernel says there
+    is no such object (ENOENT); OperationalError for any other refusal."""
+    seq = int.from_bytes(os.urandom(3), "big")
+    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | command, NLM_F_REQUEST | flags, seq, payload)
+    found: list[tuple[bytes, int, int]] = []
+    for kind, _, reply, pos, length in _replies(msg):
+        if kind == NLMSG_DONE:
+            return found
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, pos + 16)
+            if error == 0:
+                return found
+            if -error == errno.ENOENT:
+                return None
+            raise OperationalError(f"cannot read {what}: {os.strerror(-error)}")
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | answer:
+            found.append((reply, pos + 20, pos + length))
+    return found
 
 
 def table_handle(table: str) -> int | None:
     """The kernel's handle of `table inet TABLE`, None when there is none. A table that was
     deleted and created again (a full apply, `nft flush ruleset`, restore) has a new handle:
     watch knows whether the table is still the one it last wrote, without listing it."""
-    seq = int.from_bytes(os.urandom(3), "big")
-    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK,
-                   seq, _str(TABLE_NAME, table))
-    handle: int | None = None
-    for kind, _, reply, pos, length in _replies(msg):
-        if kind == NLMSG_ERROR:
-            (error,) = struct.unpack_from("=i", reply, pos + 16)
-            if error == 0:
-                return handle
-            if -error == errno.ENOENT:
-                return None
-            raise OperationalError(f"cannot read table {table}: {os.strerror(-error)}")
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
-            at = pos + 20  # nlmsghdr + nfgenmsg
-            while at + 4 <= pos + length:
-                alen, atype = struct.unpack_from("=HH", reply, at)
-                if atype & 0x3FFF == TABLE_HANDLE:
-                    (handle,) = struct.unpack_from("!Q", reply, at + 4)
-                at += (alen + 3) & ~3 if alen else length
-    return handle
-
-
-NFT_MSG_GETSETELEM = 13
-NLM_F_DUMP = 0x300
-NLMSG_DONE = 3
+    answers = _query(NFT_MSG_GETTABLE, NLM_F_ACK, _str(TABLE_NAME, table), NFT_MSG_NEWTABLE,
+                     f"table {table}")
+    for reply, start, stop in answers or ():
+        for kind, a, _ in attrs(reply, start, stop):
+            if kind == TABLE_HANDLE:
+                return int(struct.unpack_from("!Q", reply, a)[0])
+    return None
 
 
 def element_comments(table: str, name: str) -> list[str] | None:
     """The comment of every element of set `name` in `table inet TABLE` (a small set: the
     stamp), or None when there is no such set (or table). A dump, read straight from the
     kernel: no nft process, no cache of the table's other sets."""
-    seq = int.from_bytes(os.urandom(3), "big")
-    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
-                   seq, _str(LIST_TABLE, table) + _str(LIST_SET, name))
+    answers = _query(NFT_MSG_GETSETELEM, NLM_F_DUMP,
+                     _str(LIST_TABLE, table) + _str(LIST_SET, name), NFT_MSG_NEWSETELEM,
+                     f"set {name}")
+    if answers is None:
+        return None
     comments: list[str] = []
-    for kind, _, reply, pos, length in _replies(msg):
-        if kind == NLMSG_DONE:
-            return comments
-        if kind == NLMSG_ERROR:
-            (error,) = struct.unpack_from("=i", reply, pos + 16)
-            if error == 0:
-                return comments
-            if -error == errno.ENOENT:
-                return None
-            raise OperationalError(f"cannot read set {name}: {os.strerror(-error)}")
-        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
-            continue
-        for a_kind, a, b in _attrs(reply, pos + 20, pos + length):  # past nfgenmsg
+    for reply, start, stop in answers:
+        for a_kind, a, b in attrs(reply, start, stop):
             if a_kind != LIST_ELEMENTS:
                 continue
-            for e_kind, e, f in _attrs(reply, a, b):
-                for u_kind, u, v in _attrs(reply, e, f) if e_kind == LIST_ELEM else ():
+            for e_kind, e, f in attrs(reply, a, b):
+                for u_kind, u, v in attrs(reply, e, f) if e_kind == LIST_ELEM else ():
                     if u_kind == ELEM_USERDATA:
                         comments += _udata_comments(reply[u:v])
     return comments
 
 
-def _attrs(data: bytes, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+def attrs(data: bytes, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
     """(type, payload start, payload end) of the attributes in data[start:stop]."""
     while start + 4 <= stop:
         alen, atype = struct.unpack_from("=HH", data, start)
         if alen < 4:
             return
-        yield atype & ~NLA_F_NESTED, start + 4, start + alen
+        yield atype & NLA_TYPE_MASK, start + 4, start + alen
         start += (alen + 3) & ~3
 
 
@@ -283,43 +287,27 @@ def _udata_comments(udata: bytes) -> list[str]:
     return out
 
 
-NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
-OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
-OBJECT_COUNTER = 1
-COUNTER_PACKETS = 2
-
-
 def counters(table: str) -> dict[str, int] | None:
     """Packets counted by each named counter of `table inet TABLE`, or None when there is no
     such table. Read as objects, over netlink: nft 1.0.6 would fetch every set element of the
     table into its cache first (1.6 s at 100,000 addresses) just to list the counters."""
     if table_handle(table) is None:
         return None
-    seq = int.from_bytes(os.urandom(3), "big")
-    msg = _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, seq,
-                   _str(OBJ_TABLE, table) + _attr(OBJ_TYPE, struct.pack("!I", OBJECT_COUNTER)))
+    answers = _query(NFT_MSG_GETOBJ, NLM_F_DUMP,
+                     _str(OBJ_TABLE, table) + attr(OBJ_TYPE, struct.pack("!I", OBJECT_COUNTER)),
+                     NFT_MSG_NEWOBJ, f"the counters of {table}")
+    if answers is None:
+        return None
     out: dict[str, int] = {}
-    for kind, _, reply, pos, length in _replies(msg):
-        if kind == NLMSG_DONE:
-            break
-        if kind == NLMSG_ERROR:
-            (error,) = struct.unpack_from("=i", reply, pos + 16)
-            if error == 0:
-                break
-            if -error == errno.ENOENT:
-                return None
-            raise OperationalError(f"cannot read the counters of {table}: "
-                                   f"{os.strerror(-error)}")
-        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
-            continue
+    for reply, start, stop in answers:
         name, packets, ours = "", 0, False
-        for a_kind, a, b in _attrs(reply, pos + 20, pos + length):
+        for a_kind, a, b in attrs(reply, start, stop):
             if a_kind == OBJ_TABLE:
                 ours = reply[a:b].rstrip(b"\0").decode() == table
             elif a_kind == OBJ_NAME:
                 name = reply[a:b].rstrip(b"\0").decode()
             elif a_kind == OBJ_DATA:
-                for c_kind, c, _ in _attrs(reply, a, b):
+                for c_kind, c, _ in attrs(reply, a, b):
                     if c_kind == COUNTER_PACKETS:
                         (packets,) = struct.unpack_from("!Q", reply, c)
         if ours and name:
