@@ -222,14 +222,19 @@ def read_history(path: Path | None = None) -> list[Record]:
             text = p.read_text()
         except FileNotFoundError:
             continue
-        for line in text.splitlines():
-            try:
-                r = from_json(json.loads(line))
-            except ValueError:
-                continue
-            if r is not None:
-                out.append(r)
+        out += _records(text)
     return out
+
+
+def _records(text: str) -> Iterator[Record]:
+    """The records of complete JSON lines; a torn or foreign line is skipped."""
+    for line in text.splitlines():
+        try:
+            r = from_json(json.loads(line))
+        except ValueError:
+            continue
+        if r is not None:
+            yield r
 
 
 def tail_history(stop: Callable[[], bool], path: Path | None = None) -> Iterator[Record]:
@@ -246,13 +251,7 @@ def tail_history(stop: Callable[[], bool], path: Path | None = None) -> Iterator
                 chunk = fh.read()
             complete = chunk[:chunk.rfind("\n") + 1]
             pos += len(complete.encode())
-            for line in complete.splitlines():
-                try:
-                    r = from_json(json.loads(line))
-                except ValueError:
-                    continue
-                if r is not None:
-                    yield r
+            yield from _records(complete)
         else:
             time.sleep(0.2)
 
