@@ -9,7 +9,7 @@ import time
 
 from . import bans
 from .backends import nftables as nft
-from .engine import LockoutError, host_lock
+from .engine import LockoutError, host_lock, trusted_live
 from .model import show_network
 from .revoke import conntrack_flows, local_addresses, mark_revoked
 
@@ -74,7 +74,10 @@ def current_bans() -> list[dict[str, object]]:
 def _cut_banned(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     """Mark the banned source's established flows into containers (NATed, proxied or routed)
     so the table drops them both ways; flows to the host's own ports are left alone."""
-    ports = nft.gated_ports()
+    rules = trusted_live()
+    ports: dict[str, list[tuple[int, int]]] = {"tcp": [], "udp": []}
+    for g in rules.container_gates if rules else ():
+        ports[g.proto].append((g.ports.first, g.ports.last))
     local = local_addresses()
     hit = set()
     for f in conntrack_flows():

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .model import Inventory
 
 if TYPE_CHECKING:
     from .model import Inventory

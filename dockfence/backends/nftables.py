@@ -489,24 +489,6 @@ def unban_commands(net: IPNetwork) -> str:
             f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n")
 
 
-def gated_ports() -> dict[str, list[tuple[int, int]]]:
-    """The published host ports the live table gates, per protocol, on any host address (a
-    few small maps)."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for proto in PROTOS:
-        out[proto] = []
-        for name in (f"{proto}_ports", addr_map(4, proto), addr_map(6, proto)):
-            proc = run(["nft", "-j", "list", "map", FAMILY, TABLE, name], check=False)
-            docs = json.loads(proc.stdout).get("nftables", []) if proc.returncode == 0 else []
-            for obj in docs:
-                for key, _ in obj.get("map", {}).get("elem", []):
-                    val = _key(key)[0]
-                    p = _ports(val["concat"][1] if isinstance(val, dict) and "concat" in val
-                               else val)
-                    out[proto].append((p.first, p.last))
-    return out
-
-
 def live_bans() -> dict[str, int | None] | None:
     """Banned networks in the live table -> seconds left (None: no timeout); None when
     dockfence is not applied."""
@@ -542,18 +524,6 @@ def read_stamp() -> tuple[bool, Stamp | None]:
     except OSError as exc:
         raise OperationalError(f"cannot read table {TABLE}: {exc}") from None
     return True, next((s for s in map(Stamp.parse, comments) if s is not None), None)
-
-
-def stamp_in(doc: dict[str, Any]) -> Stamp | None:
-    """The stamp of a listing that holds the stamp set, or None."""
-    for obj in doc.get("nftables", []):
-        s = obj.get("set", {})
-        if s.get("name") != STAMP_SET:
-            continue
-        for elem in s.get("elem", []):
-            if isinstance(elem, dict) and "elem" in elem:
-                return Stamp.parse(elem["elem"].get("comment", ""))
-    return None
 
 
 def live_stamp() -> Stamp | None:
@@ -603,12 +573,14 @@ def live_counters() -> dict[str, int] | None:
 
 def live_generation() -> int | None:
     """Changes whenever the table is replaced (apply recreates it: a new kernel handle), so
-    readers of the rules know when to read them again; None when dockfence is not applied."""
-    proc = run(["nft", "-j", "list", "tables", FAMILY], check=False)
-    if proc.returncode != 0:
-        return None
-    return next((int(o["table"]["handle"]) for o in json.loads(proc.stdout).get("nftables", [])
-                 if o.get("table", {}).get("name") == TABLE), None)
+    readers of the rules know when to read them again; None when dockfence is not applied.
+    Over netlink: no nft process in the refusal reader's loop."""
+    from . import netlink
+
+    try:
+        return netlink.table_handle(TABLE)
+    except OSError as exc:
+        raise OperationalError(f"cannot read table {TABLE}: {exc}") from None
 
 
 def live_text() -> str | None:
