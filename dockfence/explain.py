@@ -89,7 +89,9 @@ def explain(rs: Ruleset, inventory: Inventory, source: ipaddress.IPv4Address |
                  and (to is None or b.host_ip == str(to)
                       or (b.host_address is None and b.family == to.version))
                  and (not b.loopback_only or b.host_ip == str(to))]
-    addressed = addressed_gates(rs.container_gates, proto, port)
+    # a source reaches host addresses of its own family only
+    addressed = [g for g in addressed_gates(rs.container_gates, proto, port)
+                 if g.host is not None and g.host.version == source.version]
     if to is None and addressed:
         return _per_address(rs, published, addressed, source, port, proto)
     gate = find_gate(rs.container_gates, proto, port, to)

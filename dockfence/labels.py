@@ -58,26 +58,28 @@ def _within(net: IPNetwork, limit: Sources) -> bool:
     return i >= 0 and addresses.span(net.version, blocks[i])[1] >= last
 
 
-def _token(token: str, policy: Policy, limit: Sources) -> tuple[list[IPNetwork], bool, str]:
-    """(networks, any, problem): what one entry of a label's value grants, or why not."""
+def _token(token: str, policy: Policy, limit: Sources) -> tuple[Sources, str]:
+    """(what one entry of a label's value grants, problem): the grant is empty when refused."""
     if not token.isascii() or not _TOKEN_RE.match(token):
-        return [], False, "not a list name, address, CIDR or `any`"
+        return Sources(), "not a list name, address, CIDR or `any`"
     if token == "any":
-        return ([], True, "") if limit.any else ([], False, "`any` is more than may_allow")
+        return (Sources(any=True), "") if limit.any else (Sources(), "`any` is more than may_allow")
     if token in policy.lists:
-        nets = list(policy.lists[token].networks)
-        if token in limit.names or all(_within(n, limit) for n in nets):
-            return nets, False, ""
-        return [], False, f"list {token} is more than may_allow"
+        listed = policy.lists[token]
+        # as integer blocks: a 100,000-entry list is checked without an object per entry
+        if limit.any or not (addresses.subtract(4, listed.v4, limit.v4)
+                             or addresses.subtract(6, listed.v6, limit.v6)):
+            return listed, ""
+        return Sources(), f"list {token} is more than may_allow"
     if LIST_NAME_RE.match(token):
-        return [], False, "unknown list name"
+        return Sources(), "unknown list name"
     try:
         net = addresses.parse_network(token)
     except ValueError as exc:
-        return [], False, str(exc)
+        return Sources(), str(exc)
     if not _within(net, limit):
-        return [], False, "more than may_allow"
-    return [net], False, ""
+        return Sources(), "more than may_allow"
+    return Sources.of([net]), ""
 
 
 def label_rules(policy: Policy, c: Container) -> tuple[list[LabelRule], list[str]]:
@@ -110,18 +112,17 @@ def label_rules(policy: Policy, c: Container) -> tuple[list[LabelRule], list[str
         if len(tokens) > MAX_TOKENS:
             warnings.append(f"{bad}: more than {MAX_TOKENS} entries; grants nothing")
             continue
-        nets: list[IPNetwork] = []
-        any_ = False
+        grants: list[Sources] = []
         granted: list[str] = []
         for token in tokens:
-            got, got_any, problem = _token(token, policy, limit)
+            got, problem = _token(token, policy, limit)
             if problem:
                 warnings.append(f"{bad}: {_show(token)}: {problem}; that part grants nothing")
                 continue
-            nets += got
-            any_ = any_ or got_any
+            grants.append(got)
             granted.append(token)
         if granted:
-            rules.append(LabelRule(c.name, key, port,
-                                   Sources.of(nets, any_, tuple(granted))))
+            rules.append(LabelRule(c.name, key, port, Sources.of_blocks(
+                (b for g in grants for b in g.v4), (b for g in grants for b in g.v6),
+                any(g.any for g in grants), tuple(granted))))
     return rules, warnings

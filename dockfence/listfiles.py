@@ -99,7 +99,7 @@ def discover(text: str, policy_path: str) -> list[tuple[str, str, Any]] | None:
 
 # What _discover() found for the last policy text, by that text's digest: a no-op `apply` of a
 # policy with list files then needs no YAML parser (its import alone is ~15 ms).
-MEMO = Path("/run/dockfence/discovered.json")
+MEMO = Path("/run/dockfence/discovered.json")  # beside record.py's: volatile, root's
 
 
 @functools.lru_cache(maxsize=2)  # apply asks twice (refresh, then the digest): parse once
@@ -108,7 +108,8 @@ def _discover(text: str) -> list[tuple[str, str, Any]] | None:
     try:
         memo = json.loads(MEMO.read_text())
         if memo.get("text") == key:
-            return memo["found"]  # type: ignore[no-any-return]
+            found = memo["found"]
+            return None if found is None else [tuple(f) for f in found]
     except (OSError, ValueError, AttributeError):
         pass
     found = _parse_lists(text)

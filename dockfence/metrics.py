@@ -178,7 +178,7 @@ class Metrics:
                 name = ", ".join(g.sources.names) or str(g.sources)
                 if name not in seen and not g.sources.any:
                     seen.add(name)
-                    entries.add_metric([name], len(g.sources.networks))
+                    entries.add_metric([name], g.sources.count)
             yield entries
             live_bans = nft.live_bans()
             if live_bans is not None:

@@ -210,7 +210,9 @@ class History:
                 self.path.replace(self.path.with_suffix(".jsonl.1"))
         except FileNotFoundError:
             pass
-        with self.path.open("a") as fh:
+        # who knocked is nobody else's business: readable by root only, like the records
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a") as fh:
             fh.write(json.dumps(as_json(r)) + "\n")
 
 

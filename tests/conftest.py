@@ -90,3 +90,12 @@ def lab_factory() -> Iterator[LabFactory]:
 def lab(request: pytest.FixtureRequest, lab_factory: LabFactory) -> Lab:
     """A started lab per Docker version (system 20.10, Docker 28.5), shared by a module."""
     return lab_factory(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _discovery_memo_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process tests keep listfiles' discovery memo out of the machine's /run."""
+    from dockfence import listfiles
+
+    monkeypatch.setattr(listfiles, "MEMO", tmp_path / "discovered.json")
+    listfiles._discover.cache_clear()

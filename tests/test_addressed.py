@@ -138,6 +138,11 @@ def test_explain_without_an_address_gives_each_one() -> None:
     # the same verdict everywhere: said plainly
     assert explain(rules(), inventory(), ipaddress.ip_address("203.0.113.200"), 443).verdict \
         == "deny"
+    # an IPv4 client never reaches an IPv6 host address: only its own family's gates count
+    split = Inventory(containers=(web("a", "203.0.113.1"), web("b", "2001:db8::2")))
+    assert explain(rules(split), split, OFFICE4, 443).verdict == "allow"
+    assert explain(rules(split), split, PARTNER6, 443).verdict == "allow"
+    assert explain(rules(split), split, OFFICE6, 443).verdict == "deny"
     # another host address where nothing is published on 443: not a container port
     none = explain(rules(), inventory(), OFFICE4, 443, "tcp", ipaddress.ip_address("203.0.113.9"))
     assert none.verdict is None

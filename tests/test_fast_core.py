@@ -259,9 +259,9 @@ def test_list_discovery_is_remembered_by_the_policy_text(tmp_path: Path,
     read before; another text is parsed afresh, and a damaged memo is only a miss."""
     monkeypatch.setattr(listfiles, "MEMO", tmp_path / "discovered.json")
     text = "version: 1\nlists:\n  geo: {file: geo.txt}\n  cdn: {url: 'https://x.example/l'}\n"
-    want = [["geo", "file", "geo.txt"], ["cdn", "url", {"url": "https://x.example/l"}]]
+    want = [("geo", "file", "geo.txt"), ("cdn", "url", {"url": "https://x.example/l"})]
     listfiles._discover.cache_clear()
-    assert [list(f) for f in listfiles.discover(text, "p.yaml") or []] == want
+    assert listfiles.discover(text, "p.yaml") == want
     listfiles._discover.cache_clear()
     monkeypatch.setattr(listfiles, "_parse_lists", lambda _: pytest.fail("parsed again"))
     assert listfiles.discover(text, "p.yaml") == want

@@ -200,18 +200,18 @@ def test_stamp_and_counters_read_over_netlink_match_nft() -> None:
         "subprocess.run(['nft', 'add', 'table', 'inet', 'dockfence'], check=True)\n"
         "print(nft.read_stamp())\n"
         "nft.apply_text(sys.argv[1])\n"
-        "subprocess.run(['nft', 'add table inet other; add counter inet other banned'],\n"
-        "               check=True)\n"
+        "subprocess.run(['nft', 'add table inet other; add counter inet other banned;'\n"
+        "                ' add counter inet other other_only'], check=True)\n"
         "listed = subprocess.run(['nft', '-j', 'list', 'counters', 'table', 'inet',\n"
         "                         'dockfence'], capture_output=True, text=True).stdout\n"
         "ref = {o['counter']['name']: o['counter']['packets']\n"
         "       for o in json.loads(listed)['nftables'] if 'counter' in o}\n"
         "got = nft.live_counters()\n"
         "print(nft.read_stamp()[1].text(), got == ref, len(got) > 10, got['banned'],\n"
-        "      got['tcp_ports_8081_allowed'])\n"
+        "      got['tcp_ports_8081_allowed'], 'other_only' in got)\n"
     )
     proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script, table],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["(False, None) None", "(True, None)",
-                                        f"{stamp.text()} True True 3 7"]
+                                        f"{stamp.text()} True True 3 7 False"]

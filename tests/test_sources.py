@@ -348,7 +348,8 @@ def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> Non
         seen = len(log.read_text())
         proc.send_signal(signal.SIGHUP)
         assert wait_log("the table's structure changes: applied", seen), log.read_text()
-        now = {"office_list": False, "stranger_list": False, "office_list_v6": False}
+        now = {"office_list": False, "stranger_list": False, "office_list_v6": False,
+               "office_except": True, "stranger_except": False}  # the rest still enforced
         assert site.probe(list(now), now) == now
     finally:
         proc.send_signal(signal.SIGTERM)  # by the pid we started
