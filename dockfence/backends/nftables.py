@@ -138,9 +138,7 @@ def decide(counter: str, verdict: Verdict, text: str, match: str = "") -> str:
     """A default's rule: counted under `counter`; refusals reported (see refuse). An `allow`
     default still refuses banned sources."""
     if verdict == "allow":
-        bans = "\n".join(refuse(counter, comment(TAG_BANNED), f"{match}{fam} saddr @{name} ",
-                                TAG_BANNED)
-                         for fam, name in (("ip", BAN_SETS[4]), ("ip6", BAN_SETS[6])))
+        bans = "\n".join(_banned(counter, match))
         return f"{bans}\n\t\t{match}counter name {counter} accept comment {text}"
     return refuse(counter, text, match)
 
@@ -193,14 +191,7 @@ class _Renderer:
         for sources, name in chains:
             if sources.any:  # `any except ...`: no allow sets, but a name of its own
                 self.sets.setdefault(sources, [])
-            tests = [""] if sources.any else [
-                f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, name)]
-            self.lines += [*self.counter(f"{name}_allowed"), *self.counter(f"{name}_refused"),
-                           f"\tchain {name} {{", *_banned(f"{name}_refused"),
-                           *self.refusals(f"{name}_refused", sources),
-                           *(f"\t\t{t}counter name {name}_allowed accept" for t in tests),
-                           *([] if sources.any else
-                             [refuse(f"{name}_refused", comment(f"allow-list {name}"))]), "\t}"]
+            self.gate_chain(name, comment(f"allow-list {name}"), sources, sets_named=name)
         self.lines += [f"\tchain {ALLOW_ANY} {{", *_banned(COUNTER_BANNED), "\t\taccept", "\t}"]
 
     def allow_sets(self, sources: Sources, name: str | None = None) -> list[tuple[str, str]]:
@@ -250,10 +241,12 @@ class _Renderer:
                 out.append((fam, sname))
         return out
 
-    def gate_chain(self, name: str, text: str, sources: Sources) -> str:
-        """One chain per gate, so each port counts its own allowed and refused connections."""
+    def gate_chain(self, name: str, text: str, sources: Sources,
+                   sets_named: str | None = None) -> str:
+        """One chain per gate, so each port counts its own allowed and refused connections
+        (and one per allow-list, shared: see shared_chains)."""
         tests = [""] if sources.any else [] if sources.nobody else [
-            f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources)]
+            f"{fam} saddr @{sname} " for fam, sname in self.allow_sets(sources, sets_named)]
         denied = self.refusals(f"{name}_refused", sources) if tests else []
         self.lines += [*self.counter(f"{name}_allowed"), *self.counter(f"{name}_refused"),
                        f"\tchain {name} {{",
@@ -296,10 +289,10 @@ class _Renderer:
 _DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
 
 
-def _banned(counter: str) -> list[str]:
+def _banned(counter: str, match: str = "") -> list[str]:
     """Refuse banned sources (dockfence ban) under `counter`, before anything admits them."""
     why = "" if counter == COUNTER_BANNED else TAG_BANNED  # that counter says it already
-    return [refuse(counter, comment(TAG_BANNED), f"{fam} saddr @{BAN_SETS[v]} ", why)
+    return [refuse(counter, comment(TAG_BANNED), f"{match}{fam} saddr @{BAN_SETS[v]} ", why)
             for fam, v in (("ip", 4), ("ip6", 6))]
 
 
