@@ -185,8 +185,19 @@ class Record:
                 _write_atomically(path, data)
 
     def _current_generation(self) -> str | None:
-        loaded = self.load()
-        return None if loaded is None else loaded[0]
+        """The recorded table's generation, from its header line alone: what an update is
+        appended under needs no read of the whole record (restore checks its digests)."""
+        try:
+            with open(self.table_path, "rb") as fh:
+                head = fh.readline(256).decode(errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read the record in {self.dir}: {exc}") from None
+        m = _TABLE_HEADER.match(head.rstrip("\n"))
+        if m is None:
+            raise StateError(f"{self.table_path} is damaged (header or digest does not match)")
+        return m[1]
 
     def load(self) -> tuple[str, str] | None:
         """(generation, the table followed by its journal's updates), None when nothing was
