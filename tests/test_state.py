@@ -87,3 +87,15 @@ def test_unwritable_directory_is_an_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StateError, match="cannot record"):
         Record(blocker / "state").save_table(TABLE)
+
+
+def test_a_later_process_appends_under_the_recorded_generation(tmp_path: Path) -> None:
+    """watch's Record after a full sync: the generation comes from the header line; a record
+    whose header is damaged takes no updates."""
+    Record(tmp_path).save_table(TABLE)
+    later = Record(tmp_path)
+    later.append("# update\n")
+    assert Record(tmp_path).load()[1] == TABLE + "# update\n"  # type: ignore[index]
+    (tmp_path / TABLE_FILE).write_text("# not a dockfence record\n" + TABLE)
+    with pytest.raises(StateError):
+        Record(tmp_path).append("# another\n")
