@@ -94,8 +94,8 @@ def test_a_later_process_appends_under_the_recorded_generation(tmp_path: Path) -
     whose header is damaged takes no updates."""
     Record(tmp_path).save_table(TABLE)
     later = Record(tmp_path)
-    later.append("# update\n")
-    assert Record(tmp_path).load()[1] == TABLE + "# update\n"  # type: ignore[index]
+    later.append(UPDATE)
+    assert Record(tmp_path).load()[1] == TABLE + UPDATE  # type: ignore[index]
     (tmp_path / TABLE_FILE).write_text("# not a dockfence record\n" + TABLE)
     with pytest.raises(StateError):
-        Record(tmp_path).append("# another\n")
+        Record(tmp_path).append(BRIDGES)
