@@ -22,10 +22,6 @@ BITS = {4: 32, 6: 128}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-def block(start: int, prefixlen: int) -> int:
-    return start << 8 | prefixlen
-
-
 def span(version: int, b: int) -> tuple[int, int]:
     """First and last address of a block."""
     start = b >> 8
@@ -143,10 +139,6 @@ def _parse_many_fast(texts: list[str]) -> tuple[list[int], list[int]]:
 
 def of_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     return int(net.network_address) << 8 | net.prefixlen
-
-
-def of_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    return int(address) << 8 | BITS[address.version]
 
 
 def to_network(version: int, b: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

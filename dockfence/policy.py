@@ -29,7 +29,6 @@ MAX_POLICY_BYTES = 8 * 1024 * 1024
 _FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
-parse_network = addresses.parse_network  # an address or CIDR, host bits clear
 _T = TypeVar("_T")
 
 _PORT_HINT = "a port is written 8080, 8080/tcp or 8000-8100/udp"
