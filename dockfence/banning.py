@@ -29,9 +29,10 @@ def ban(target: str, seconds: int | None, reason: str = "", force: bool = False)
     entry = bans.Ban(show_network(net), None if seconds is None else time.time() + seconds,
                      reason)
     with host_lock(wait=30):
-        bans.save(bans.with_ban(bans.load(), entry))
+        kept = bans.with_ban(bans.load(), entry)
+        bans.save(kept)
         if nft.live_stamp_present():
-            nft.apply_text(nft.ban_element_commands(net, seconds))
+            nft.replace_bans(net.version, bans.pieces(kept, time.time())[net.version])
             return _cut_banned(net)
     return 0
 
@@ -46,8 +47,8 @@ def unban(target: str) -> bool:
         if len(kept) == len(current) and show_network(net) not in live:
             return False
         bans.save(kept)
-        if show_network(net) in live:
-            nft.apply_text(nft.unban_commands(net))
+        if show_network(net) in live:  # what is left of the others stays (they may overlap)
+            nft.replace_bans(net.version, bans.pieces(kept, time.time())[net.version])
         return True
 
 
@@ -67,7 +68,7 @@ def current_bans() -> list[dict[str, object]]:
     for b in bans.load():
         out.append({"network": b.network, "reason": b.reason,
                     "expires_in": b.remaining(now),
-                    "in_kernel": live is not None and b.network in live})
+                    "in_kernel": live is not None and bans.covered(b.network, live)})
     return out
 
 

@@ -8,8 +8,11 @@ and reboots (`dockfence restore`). Parsing and bookkeeping here are pure; `ban`,
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import json
+import math
 import os
 import re
 import time
@@ -17,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import addresses
 from .errors import OperationalError, UsageError
 from .model import IPNetwork, show_network
 from .statedir import state_dir
@@ -109,9 +113,59 @@ def without(bans: list[Ban], network: str) -> list[Ban]:
     return [b for b in bans if b.network != network]
 
 
-def elements(bans: Iterable[Ban], now: float) -> str:
-    """nft commands adding these bans to a freshly loaded table (same transaction)."""
-    from .backends.nftables import ban_element_commands
+def pieces(bans: Iterable[Ban], now: float) -> dict[int, list[tuple[int, int | None]]]:
+    """What the kernel's ban sets hold for these bans, by IP version: disjoint blocks (see
+    dockfence.addresses), each with the seconds left of the longest ban covering it (None:
+    for ever). Bans may overlap (a /24 banned by hand, one of its hosts by fail2ban), but an
+    interval set refuses overlapping elements, and that host must stay banned if the /24
+    expires first. A ban that does not overlap another is one block, its network."""
+    spans: dict[int, list[tuple[int, int, float]]] = {4: [], 6: []}
+    for b in bans:
+        net = ipaddress.ip_network(b.network)
+        expires = math.inf if b.expires is None else b.expires
+        if expires > now:
+            start = int(net.network_address)
+            # the very last address cannot be an interval's start (it has no end element)
+            # nor a packet's source: 255.255.255.255 is the limited broadcast
+            end = min(start + net.num_addresses, (1 << net.max_prefixlen) - 1)
+            if start < end:
+                spans[net.version].append((start, end, expires))
+    out: dict[int, list[tuple[int, int | None]]] = {4: [], 6: []}
+    for version, items in spans.items():
+        items.sort()
+        points = sorted({p for s, e, _ in items for p in (s, e)})
+        merged: list[tuple[int, int, float]] = []  # equal neighbours joined
+        active: list[tuple[float, int]] = []  # (-expires, end): the longest on top
+        i = 0
+        for a, b in itertools.pairwise(points):
+            while i < len(items) and items[i][0] <= a:
+                heapq.heappush(active, (-items[i][2], items[i][1]))
+                i += 1
+            while active and active[0][1] <= a:
+                heapq.heappop(active)  # ended; others that ended go when they reach the top
+            if not active:
+                continue
+            expires = -active[0][0]
+            if merged and merged[-1][1] == a and merged[-1][2] == expires:
+                merged[-1] = (merged[-1][0], b, expires)
+            else:
+                merged.append((a, b, expires))
+        for start, end, expires in merged:
+            left = None if expires == math.inf else max(1, int(expires - now))
+            out[version] += [(block, left) for block in addresses.of_range(version, start, end - 1)]
+    return out
 
-    return "".join(ban_element_commands(ipaddress.ip_network(b.network), b.remaining(now))
-                   for b in bans)
+
+def covered(network: str, live: Iterable[str]) -> bool:
+    """Is every address of `network` in the kernel's ban set elements `live` (as listed)?"""
+    net = ipaddress.ip_network(network)
+    blocks = []
+    for text in live:
+        try:
+            version, block = addresses.parse(text)
+        except ValueError:
+            continue
+        if version == net.version:
+            blocks.append(block)
+    mine = (addresses.of_network(net),)
+    return not addresses.subtract(net.version, mine, addresses.collapse(net.version, blocks))

@@ -19,6 +19,7 @@ from .model import (
     Inventory,
     Ruleset,
 )
+from .run import later
 from .stamp import Stamp, inventory_digest
 
 # The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
@@ -73,8 +74,12 @@ def desired_state(policy_path: str, inv: Inventory | None = None,
     from . import policy
     from .compile import compile_policy
 
-    pol = policy.load(policy_path)
-    inv = discovery.inventory() if inv is None else inv
+    if inv is None:  # Docker answers while the policy is read (its lists can take a second)
+        asked = later(discovery.inventory, "docker")
+        pol = policy.load(policy_path)
+        inv = asked()
+    else:
+        pol = policy.load(policy_path)
     return pol, inv, compile_policy(pol, inv)
 
 
@@ -198,7 +203,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
                     fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
-                nft.apply_text(nft.stamp_update(st))
+                nft.replace_stamp(st)
             if live_st != st or not saved.exists():
                 saved.save_table(table)
             record.save(st, desired)
@@ -208,9 +213,14 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         # rules at the next boot); if the kernel refuses, the old record is put back.
         forget = saved.save_table(table)
         try:
-            load(table)
+            loaded = load_later(table)
+            # While nft loads: the record of these rules. It is keyed by the new stamp, so it
+            # describes nothing until the table carries that stamp.
+            record.save(st, desired)
+            loaded()
         except BaseException:
             forget()
+            record.forget()
             raise
         if nft.live_stamp() != st:
             forget()
@@ -218,7 +228,6 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
                      nft.render(live, live_st), exists)
             raise OperationalError("the kernel does not show the rules just applied; the "
                                    "previous rules were restored")
-        record.save(st, desired)
         if confirm is not None and not confirm():
             forget()
             _restore(previous, exists)
@@ -231,9 +240,16 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
 def load(table: str) -> None:
     """The one place a whole table is handed to the kernel: one atomic transaction. Bans are
     not the policy's: the rebuilt table carries them over from their record."""
+    load_later(table)()
+
+
+def load_later(table: str) -> Callable[[], object]:
+    """load(), with nft working from now on: the returned function waits for it (and raises
+    what load() would)."""
     from . import bans
 
-    nft.apply_text(nft.transaction(table) + bans.elements(bans.load(), time.time()))
+    held = bans.pieces(bans.load(), time.time())
+    return nft.apply_text_later(nft.transaction(nft.with_bans(table, held)))
 
 
 def restore() -> bool:

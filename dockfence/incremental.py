@@ -31,6 +31,7 @@ from .backends.nftables import (
     gate_name,
     has_addressed,
     same_list,
+    stamp_ops,
 )
 from .model import PROTOS, DirectGate, Gate, Ruleset, Sources, find_gate
 from .stamp import Stamp
@@ -172,18 +173,14 @@ class _Builder:
             for b in blocks:
                 first, last = addresses.span(version, b)
                 elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"))
-            for i in range(0, len(elements), nl.ELEMENTS_PER_MESSAGE):
-                (self.adds if add else self.deletes).append(
-                    nl.Op(add, name, tuple(elements[i:i + nl.ELEMENTS_PER_MESSAGE])))
+            (self.adds if add else self.deletes).extend(nl.chunked(add, name, elements))
         self._snapshot("set", name, addresses.show_all(version, new))
 
     def update(self, stamp: Stamp | None) -> ElementUpdate:
         ops = self.deletes + self.adds
         if ops and stamp is not None:
             # the stamp describes the table it sits in: replaced in the same transaction
-            one = nl.port_key(1)
-            ops += [nl.Op(False, STAMP_SET, (nl.Element(one),)),
-                    nl.Op(True, STAMP_SET, (nl.Element(one, comment=stamp.text()),))]
+            ops += stamp_ops(stamp)
             self._snapshot("set", STAMP_SET, [f"1 comment {comment(stamp.text())}"])
         return ElementUpdate(ops, "".join(self.snapshots.values()) if ops else "")
 

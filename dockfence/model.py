@@ -109,6 +109,15 @@ class Sources:
     deny_v4: tuple[int, ...] = ()
     deny_v6: tuple[int, ...] = ()
 
+    def __hash__(self) -> int:
+        # Kept once computed: hashing 100,000 blocks costs a millisecond, and compile and
+        # render key their dicts by lists many times over.
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.any, self.v4, self.v6, self.deny_v4, self.deny_v6))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @staticmethod
     def of(networks: Iterable[IPNetwork], any_: bool = False,
            names: tuple[str, ...] = ()) -> Sources:

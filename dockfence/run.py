@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import OperationalError
 
 if TYPE_CHECKING:
     import subprocess
 
+T = TypeVar("T")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -37,29 +38,37 @@ def run(argv: list[str], *, stdin: str | None = None, check: bool = True,
     return proc
 
 
-def background(argv: list[str], *, check: bool = True, timeout: float = 60,
-               ) -> Callable[[], subprocess.CompletedProcess[str]]:
+def background(argv: list[str], *, stdin: str | None = None, check: bool = True,
+               timeout: float = 60) -> Callable[[], subprocess.CompletedProcess[str]]:
     """run(argv), started now; what it returns waits for the result (and raises what run()
     would). A command whose answer is needed later runs beside the caller's own work, on
-    another CPU (nft listing a big table while the policy is parsed and compiled)."""
+    another CPU (nft listing a big table while the policy is parsed and compiled, or loading
+    one while the record of it is written)."""
+    return later(lambda: run(argv, stdin=stdin, check=check, timeout=timeout), argv[0])
+
+
+def later(work: Callable[[], T], name: str = "later") -> Callable[[], T]:
+    """work() on a thread of its own, started now; the returned function waits for its result
+    and raises what work() raised, in the caller's thread. For work that mostly waits (a
+    process, a socket), so the caller's own work goes on meanwhile."""
     import threading
 
     box: dict[str, Any] = {}
 
-    def work() -> None:
+    def run_it() -> None:
         try:
-            box["proc"] = run(argv, check=check, timeout=timeout)
+            box["result"] = work()
         except BaseException as exc:  # handed to the caller, in the caller's thread
             box["error"] = exc
 
-    worker = threading.Thread(target=work, daemon=True, name=argv[0])
+    worker = threading.Thread(target=run_it, daemon=True, name=name)
     worker.start()
 
-    def result() -> subprocess.CompletedProcess[str]:
+    def result() -> T:
         worker.join()
         if "error" in box:
             raise box["error"]
-        return box["proc"]  # type: ignore[no-any-return]
+        return box["result"]  # type: ignore[no-any-return]
     return result
 
 

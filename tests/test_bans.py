@@ -6,8 +6,10 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dockfence import bans
+from dockfence import addresses, bans
 from dockfence.backends import nftables as nft
 from dockfence.errors import OperationalError, UsageError
 
@@ -55,16 +57,90 @@ def test_with_ban_replaces_the_same_network() -> None:
     assert bans.without(new, "203.0.113.101") == [bans.Ban("203.0.113.100", 99.0)]
 
 
-def test_element_commands_renew_the_timeout_in_one_transaction() -> None:
-    text = nft.ban_element_commands(ipaddress.ip_network("2001:db8:9::/64"), 600)
-    assert text.splitlines() == [
-        "add element inet dockfence bans_v6 { 2001:db8:9::/64 }",
-        "delete element inet dockfence bans_v6 { 2001:db8:9::/64 }",
-        "add element inet dockfence bans_v6 { 2001:db8:9::/64 timeout 600s }",
-    ]
-    assert "timeout" not in nft.ban_element_commands(ipaddress.ip_network("203.0.113.7"), None)
-    carried = bans.elements([bans.Ban("203.0.113.7", 1100.0)], now=1000.0)
-    assert carried.endswith("add element inet dockfence bans_v4 { 203.0.113.7 timeout 100s }\n")
+def test_a_ban_alone_is_its_own_network_with_its_time_left() -> None:
+    held = bans.pieces([bans.Ban("203.0.113.7", 1100.0), bans.Ban("2001:db8:9::/64", None),
+                        bans.Ban("198.51.100.9", 900.0)], now=1000.0)  # the last expired
+    assert _shown(held) == {4: [("203.0.113.7", 100)], 6: [("2001:db8:9::/64", None)]}
+
+
+def test_overlapping_bans_become_disjoint_pieces_with_the_longest_time() -> None:
+    """A /28 for a minute and one of its hosts for an hour: the kernel's interval set refuses
+    overlapping elements, and the host must stay banned after the /28 expires."""
+    held = bans.pieces([bans.Ban("203.0.113.96/28", 1060.0),
+                        bans.Ban("203.0.113.100", 4600.0)], now=1000.0)
+    assert _shown(held)[4] == [("203.0.113.96/30", 60), ("203.0.113.100", 3600),
+                               ("203.0.113.101", 60), ("203.0.113.102/31", 60),
+                               ("203.0.113.104/29", 60)]
+    # for ever wins over any time; a host under a longer ban adds nothing
+    held = bans.pieces([bans.Ban("203.0.113.96/28", None), bans.Ban("203.0.113.100", 1060.0)],
+                       now=1000.0)
+    assert _shown(held)[4] == [("203.0.113.96/28", None)]
+    # the limited broadcast address cannot be an interval's start: left out
+    held = bans.pieces([bans.Ban("255.255.255.254/31", None)], now=1000.0)
+    assert _shown(held)[4] == [("255.255.255.254", None)]
+
+
+Held = dict[int, list[tuple[int, int | None]]]
+
+
+def _shown(held: Held) -> dict[int, list[tuple[str, int | None]]]:
+    return {v: [(addresses.show(v, b), left) for b, left in items] for v, items in held.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(24, 32),
+                          st.one_of(st.none(), st.integers(1, 5))), max_size=8))
+def test_pieces_hold_every_address_with_its_longest_ban(raw: list[tuple[int, int, int | None]],
+                                                        ) -> None:
+    """Against brute force over 203.0.113.0/24: every address is held exactly when a ban
+    covers it, with the time left of the longest one (None: for ever); pieces are disjoint."""
+    now = 1000.0
+    listed = []
+    for host, plen, minutes in raw:
+        net = ipaddress.ip_network(f"203.0.113.{host}/{plen}", strict=False)
+        listed.append(bans.Ban(str(net), None if minutes is None else now + 60 * minutes))
+    held = bans.pieces(listed, now)
+    seen: dict[int, int | None] = {}
+    for block, left in held[4]:
+        first, last = addresses.span(4, block)
+        for a in range(first, last + 1):
+            assert a not in seen, "pieces overlap"
+            seen[a] = left
+    for a in range(int(ipaddress.ip_address("203.0.113.0")),
+                   int(ipaddress.ip_address("203.0.113.255")) + 1):
+        covering = [b for b in listed if ipaddress.ip_address(a) in ipaddress.ip_network(
+            b.network)]
+        if not covering:
+            assert a not in seen
+        elif any(b.expires is None for b in covering):
+            assert seen[a] is None
+        else:
+            assert seen[a] == int(max(b.expires for b in covering if b.expires) - now)
+
+
+def test_bans_are_written_into_the_table_they_are_loaded_with() -> None:
+    """No `add element` after the table: nft 1.0.6 would read every element of the table it
+    replaces first. A table without ban sets is refused, not loaded without its bans."""
+    from test_nftables import ruleset
+
+    table = nft.render(ruleset("scenario"))
+    held = bans.pieces([bans.Ban("203.0.113.96/28", 1060.0), bans.Ban("203.0.113.100", None),
+                        bans.Ban("2001:db8:9::/64", None)], now=1000.0)
+    loaded = nft.with_bans(table, held)
+    assert "add element" not in loaded and loaded.count("elements = { 203.0.113.96/30 ") == 1
+    assert "\t\telements = { 2001:db8:9::/64 }\n" in loaded
+    assert "203.0.113.100, 203.0.113.101 timeout 60s" in loaded
+    assert nft.with_bans(table, bans.pieces([], 1000.0)) == table
+    with pytest.raises(OperationalError, match="no set bans_v6"):
+        nft.with_bans(table.replace("bans_v6", "other_v6"), held)
+
+
+def test_covered_tells_whether_the_kernel_holds_a_whole_ban() -> None:
+    live = ["203.0.113.96/30", "203.0.113.100", "203.0.113.101", "203.0.113.102/31",
+            "203.0.113.104/29", "2001:db8:9::/64"]
+    assert bans.covered("203.0.113.96/28", live) and bans.covered("203.0.113.100", live)
+    assert not bans.covered("203.0.113.96/27", live)
+    assert bans.covered("2001:db8:9::5", live) and not bans.covered("2001:db8:8::5", live)
 
 
 def test_every_gate_that_admits_anyone_refuses_bans_first() -> None:

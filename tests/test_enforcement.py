@@ -1357,6 +1357,43 @@ def test_fail2ban_bans_through_dockfence_on_a_public_port(env: Env) -> None:
         env.applied = None
 
 
+def test_overlapping_bans_hold_through_re_apply_and_partial_unban(env: Env) -> None:
+    """A network banned for an hour and one of its hosts for ever (fail2ban's permanent ban
+    beside a hand-made one): both are accepted, although nftables refuses overlapping
+    elements; a re-apply carries them over; lifting the network keeps the host out; lifting
+    the host lets it back in. The office, outside both, is never affected."""
+    lab = env.lab
+    public = lab.base / "public.yaml"
+    public.write_text(policy_text(backend_from="any"))
+    stranger = env.probes["postgres_v4_stranger"].spec()
+    office = env.probes["postgres_v4_office"].spec()
+    env.applied = None
+    try:
+        assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
+        assert wait_probes(lab, [office, stranger], [True, True]) == [True, True], "baseline"
+        for target, how_long in (("203.0.113.96/28", "1h"), (CLIENT_V4_ALT, "forever")):
+            banned = dockfence(lab, "ban", target, "--for", how_long)
+            assert banned.returncode == 0, banned
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False]
+        listed = json.loads(dockfence(lab, "bans", "--json").stdout)
+        assert sorted((b["network"], b["in_kernel"]) for b in listed) == [
+            (CLIENT_V4_ALT, True), ("203.0.113.96/28", True)]
+        apply(env, "main")  # a full apply of other rules, then of these: bans carried over
+        env.applied = None
+        assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False]
+        assert dockfence(lab, "unban", "203.0.113.96/28").returncode == 0
+        assert lab.probe_many([office, stranger], expect=[True, False]) == [True, False], \
+            "the host's own ban outlives the network's"
+        assert dockfence(lab, "unban", CLIENT_V4_ALT).returncode == 0
+        assert wait_probes(lab, [office, stranger], [True, True]) == [True, True]
+        assert json.loads(dockfence(lab, "bans", "--json").stdout) == []
+    finally:
+        for target in ("203.0.113.96/28", CLIENT_V4_ALT):
+            dockfence(lab, "unban", target)
+        env.applied = None
+
+
 def test_ban_refuses_own_ssh_session_without_force(env: Env) -> None:
     lab = env.lab
     ensure(env)

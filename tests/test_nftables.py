@@ -153,24 +153,72 @@ def test_stamp_text_round_trips_and_rejects_other_text() -> None:
 @needs_root
 def test_stamp_is_read_back_and_replaced_in_one_transaction() -> None:
     """In a throwaway namespace: the stamp a table was loaded with is what live_stamp() reads,
-    and stamp_update() replaces it without touching anything else."""
+    and replace_stamp() replaces it (over netlink) without touching anything else."""
     first, second = Stamp(digest(b"p1"), digest(b"i1")), Stamp(digest(b"p1"), digest(b"i2"))
     table = nft.transaction(nft.render(ruleset("scenario"), first))
     script = (
         "import sys\n"
         "from dockfence.backends import nftables as nft\n"
+        "from dockfence.stamp import Stamp\n"
         "nft.apply_text(sys.argv[1])\n"
         "print(nft.live_stamp().text())\n"
         "before = nft.live_text().replace(sys.argv[2], sys.argv[3])\n"
-        "nft.apply_text(sys.argv[4])\n"
+        "nft.replace_stamp(Stamp.parse(sys.argv[3]))\n"
         "print(nft.live_stamp().text())\n"
         "print(before == nft.live_text())\n"
     )
     proc = subprocess.run(
         ["unshare", "--net", "--", sys.executable, "-c", script, table, first.text(),
-         second.text(), nft.stamp_update(second)],
+         second.text()],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert proc.stdout.splitlines() == [first.text(), second.text(), "True"]
+
+
+@needs_root
+def test_bans_load_with_the_table_and_are_replaced_over_netlink() -> None:
+    """In a throwaway namespace: overlapping bans load as disjoint pieces inside the table's
+    transaction, with their timeouts; replace_bans() swaps one family's set in one netlink
+    transaction (no nft: it would read every element of the table first) and leaves the
+    other family alone."""
+    from dockfence import bans
+
+    now = 1000.0
+    first = bans.pieces([bans.Ban("203.0.113.96/28", now + 600), bans.Ban("203.0.113.100", None),
+                         bans.Ban("2001:db8:9::/64", now + 900)], now)
+    second = bans.pieces([bans.Ban("203.0.113.100", now + 300)], now)
+    table = nft.transaction(nft.with_bans(nft.render(ruleset("scenario")), first))
+    script = (
+        "import json, subprocess, sys\n"
+        "from dockfence.backends import nftables as nft\n"
+        "def show():\n"
+        "    print(json.dumps([subprocess.run(['nft', '-j', 'list', 'set', 'inet', 'dockfence',\n"
+        "        name], capture_output=True, text=True, check=True).stdout\n"
+        "        for name in ('bans_v4', 'bans_v6')]))\n"
+        "nft.apply_text(sys.argv[1])\n"
+        "show()\n"
+        "nft.replace_bans(4, json.loads(sys.argv[2]))\n"
+        "show()\n"
+        "nft.replace_bans(4, [])\n"
+        "show()\n"
+    )
+    proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script, table,
+                           json.dumps(second[4])],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+
+    def held(listing: str) -> list[list[object]]:
+        (found,) = [o["set"] for o in json.loads(listing)["nftables"] if "set" in o]
+        return [[nft._elem_text(e), e["elem"].get("timeout") if isinstance(e, dict) and
+                 "elem" in e else None] for e in found.get("elem", [])]
+
+    loaded, replaced, emptied = ([held(x) for x in json.loads(line)]
+                                 for line in proc.stdout.splitlines())
+    v6 = [["2001:db8:9::/64", 900]]
+    assert loaded == [[["203.0.113.96/30", 600], ["203.0.113.100", None],
+                       ["203.0.113.101", 600], ["203.0.113.102/31", 600],
+                       ["203.0.113.104/29", 600]], v6]
+    assert replaced == [[["203.0.113.100", 300]], v6]
+    assert emptied == [[], v6]
 
 
 @needs_root

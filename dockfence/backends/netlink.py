@@ -5,10 +5,11 @@ it adds or deletes a single element, so one element update costs seconds when an
 holds 100,000 entries. A batch of NEWSETELEM/DELSETELEM messages touches only the elements it
 names: the cost no longer depends on the size of the lists.
 
-Only what watch needs is encoded: keys of type inet_service, ifname, and ipv4_addr/ipv6_addr
-concatenated with inet_service; data that is a verdict (accept, drop, jump CHAIN); an element
-comment; interval sets as nft lays them out (a start element carrying the data and an end
-element, flagged, at last + 1). Anything the kernel refuses aborts the whole batch.
+Only what watch, bans and the stamp need is encoded: keys of type inet_service, ifname,
+ipv4_addr/ipv6_addr (alone or concatenated with inet_service); data that is a verdict (accept,
+drop, jump CHAIN); an element comment and timeout; interval sets as nft lays them out (a start
+element carrying the data and an end element, flagged, at last + 1); a flush of a whole set.
+Anything the kernel refuses aborts the whole batch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ NLA_TYPE_MASK = 0x3FFF  # without the nested and byte-order flags
 NFPROTO_INET = 1
 # attribute numbers from linux/netfilter/nf_tables.h
 LIST_TABLE, LIST_SET, LIST_ELEMENTS, LIST_ELEM = 1, 2, 3, 1
-ELEM_KEY, ELEM_DATA, ELEM_FLAGS, ELEM_USERDATA = 1, 2, 3, 6
+ELEM_KEY, ELEM_DATA, ELEM_FLAGS, ELEM_TIMEOUT, ELEM_USERDATA = 1, 2, 3, 4, 6
 DATA_VALUE, DATA_VERDICT = 1, 2
 VERDICT_CODE, VERDICT_CHAIN = 1, 2
 INTERVAL_END = 1
@@ -50,12 +51,14 @@ ELEMENTS_PER_MESSAGE = 1024
 @dataclass(frozen=True)
 class Element:
     """One element as nft writes it: `key` bytes (already encoded), an optional verdict
-    ("accept", "drop", "jump allow_0"), an optional comment; `end` for an interval's end."""
+    ("accept", "drop", "jump allow_0"), an optional comment and timeout (milliseconds, on an
+    interval's start element, as nft puts it); `end` for an interval's end."""
 
     key: bytes
     verdict: str | None = None
     comment: str | None = None
     end: bool = False
+    timeout_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Op:
     add: bool  # False: delete
     set: str
     elements: tuple[Element, ...]
+    flush: bool = False  # a delete of every element the set holds (`elements` empty)
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -91,13 +95,20 @@ def successor(key: bytes) -> bytes | None:
 
 
 def interval(first: bytes, last: bytes, verdict: str | None = None,
-             comment: str | None = None) -> tuple[Element, ...]:
+             comment: str | None = None, timeout_ms: int | None = None,
+             ) -> tuple[Element, ...]:
     """The elements of the closed interval [first, last] in an interval set."""
     end = successor(last)
     if end is None:
         raise ValueError("an interval reaching the largest key cannot be updated "
                                "element by element")
-    return (Element(first, verdict, comment), Element(end, end=True))
+    return (Element(first, verdict, comment, timeout_ms=timeout_ms), Element(end, end=True))
+
+
+def chunked(add: bool, name: str, elements: list[Element]) -> list[Op]:
+    """Ops adding (or deleting) `elements` of set `name`, ELEMENTS_PER_MESSAGE per message."""
+    return [Op(add, name, tuple(elements[i:i + ELEMENTS_PER_MESSAGE]))
+            for i in range(0, len(elements), ELEMENTS_PER_MESSAGE)]
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -132,6 +143,8 @@ def _element(e: Element) -> bytes:
     body = attr(ELEM_KEY, attr(DATA_VALUE, e.key), nested=True)
     if e.end:
         body += _u32(ELEM_FLAGS, INTERVAL_END)
+    if e.timeout_ms is not None:
+        body += attr(ELEM_TIMEOUT, struct.pack("!Q", e.timeout_ms))
     if e.verdict is not None:
         body += attr(ELEM_DATA, _verdict(e.verdict), nested=True)
     if e.comment is not None:
@@ -153,8 +166,11 @@ def batch(table: str, ops: list[Op], seq: int = 1) -> tuple[bytes, list[int]]:
         seq += 1
         cmd = NFT_MSG_NEWSETELEM if op.add else NFT_MSG_DELSETELEM
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if op.add else 0)
-        payload = (_str(LIST_TABLE, table) + _str(LIST_SET, op.set)
-                   + attr(LIST_ELEMENTS, b"".join(_element(e) for e in op.elements), True))
+        if op.flush and (op.add or op.elements):
+            raise ValueError("a flush deletes, and names no element")
+        payload = _str(LIST_TABLE, table) + _str(LIST_SET, op.set)
+        if not op.flush:  # without an element list the kernel deletes them all
+            payload += attr(LIST_ELEMENTS, b"".join(_element(e) for e in op.elements), True)
         out.append(_message((NFNL_SUBSYS_NFTABLES << 8) | cmd, flags, seq, payload))
         acked.append(seq)
     seq += 1

@@ -38,12 +38,10 @@ from ..model import (
     DirectGate,
     Gate,
     HostRules,
-    IPNetwork,
     PortRange,
     Ruleset,
     Sources,
     Verdict,
-    show_network,
 )
 from ..run import background, run
 from ..stamp import Stamp
@@ -296,12 +294,71 @@ def _banned(counter: str, match: str = "") -> list[str]:
             for fam, v in (("ip", 4), ("ip6", 6))]
 
 
+def _ban_set(version: int, elements: str = "") -> str:
+    """A ban set's declaration; `elements` as nft writes them (see with_bans)."""
+    return "\n".join([f"\tset {BAN_SETS[version]} {{", f"\t\ttype ipv{version}_addr",
+                      "\t\tflags interval,timeout",
+                      *([f"\t\telements = {{ {elements} }}"] if elements else []), "\t}"])
+
+
 def _ban_sets() -> list[str]:
-    lines = []
-    for version, name in BAN_SETS.items():
-        lines += [f"\tset {name} {{", f"\t\ttype ipv{version}_addr",
-                  "\t\tflags interval,timeout", "\t}"]
-    return lines
+    return [_ban_set(version) for version in BAN_SETS]
+
+
+def with_bans(table: str, held: dict[int, list[tuple[int, int | None]]]) -> str:
+    """A rendered table with its ban sets holding `held` (dockfence.bans.pieces), written into
+    their declarations: `add element` commands after the table would make nft 1.0.6 read every
+    element of the table being replaced into its cache first (minutes at a million)."""
+    for version, items in held.items():
+        if not items:
+            continue
+        bare = _ban_set(version) + "\n"
+        if bare not in table:
+            raise OperationalError(f"the table to load has no set {BAN_SETS[version]} to hold "
+                                   "the bans: run dockfence apply")
+        elements = ", ".join(addresses.show(version, b) + ("" if left is None else
+                                                           f" timeout {left}s")
+                             for b, left in items)
+        table = table.replace(bare, _ban_set(version, elements) + "\n", 1)
+    return table
+
+
+def replace_bans(version: int, held: list[tuple[int, int | None]]) -> None:
+    """Make the live ban set of this IP version hold exactly `held` (dockfence.bans.pieces),
+    in one transaction over netlink: nft would read every allow-list element first."""
+    from . import netlink as nl
+
+    width = addresses.BITS[version] // 8
+    elements: list[nl.Element] = []
+    for block, left in held:
+        first, last = addresses.span(version, block)
+        elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"),
+                                timeout_ms=None if left is None else left * 1000)
+    name = BAN_SETS[version]
+    _commit([nl.Op(False, name, (), flush=True), *nl.chunked(True, name, elements)])
+
+
+def replace_stamp(stamp: Stamp) -> None:
+    """Give the live table another stamp (same rules from other bytes), over netlink."""
+    _commit(stamp_ops(stamp))
+
+
+def stamp_ops(stamp: Stamp) -> list[Any]:
+    """The netlink operations that replace the table's stamp, for the transaction of the
+    change it describes (or alone)."""
+    from . import netlink as nl
+
+    return [nl.Op(False, STAMP_SET, (), flush=True),
+            nl.Op(True, STAMP_SET, (nl.Element(nl.port_key(1), comment=stamp.text()),))]
+
+
+def _commit(ops: list[Any]) -> None:
+    from . import netlink
+
+    try:
+        netlink.commit(TABLE, ops)
+    except OSError as exc:
+        raise OperationalError(f"cannot update table {TABLE}: {exc}") from None
 
 
 def _stamp_set(stamp: Stamp | None) -> list[str]:
@@ -456,30 +513,6 @@ def transaction(table: str) -> str:
     """Create-if-missing, delete, recreate: one atomic batch with no window in between.
     `table` is what render() made."""
     return f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + table
-
-
-def stamp_update(stamp: Stamp) -> str:
-    """nft commands that replace the table's stamp; part of the same transaction as the change
-    it describes."""
-    return (f"flush set {FAMILY} {TABLE} {STAMP_SET}\n"
-            f"add element {FAMILY} {TABLE} {STAMP_SET} {{ 1 comment {comment(stamp.text())} }}\n")
-
-
-def ban_element_commands(net: IPNetwork, seconds: int | None) -> str:
-    """Add (or renew) one ban: add, delete, add again in one transaction resets its timeout
-    whether or not it was there. `net` is a validated network, never raw text."""
-    name = BAN_SETS[net.version]
-    elem = show_network(net)
-    timeout = f" timeout {max(seconds, 1)}s" if seconds is not None else ""
-    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
-            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
-            f"add element {FAMILY} {TABLE} {name} {{ {elem}{timeout} }}\n")
-
-
-def unban_commands(net: IPNetwork) -> str:
-    name, elem = BAN_SETS[net.version], show_network(net)
-    return (f"add element {FAMILY} {TABLE} {name} {{ {elem} }}\n"
-            f"delete element {FAMILY} {TABLE} {name} {{ {elem} }}\n")
 
 
 def live_bans() -> dict[str, int | None] | None:
@@ -659,7 +692,13 @@ def same_table(live: Ruleset, desired: Ruleset) -> bool:
 
 
 def apply_text(text: str) -> None:
-    run(["nft", "-f", "-"], stdin=text, timeout=WHOLE_TABLE_TIMEOUT)
+    apply_text_later(text)()
+
+
+def apply_text_later(text: str) -> Callable[[], object]:
+    """apply_text(), with nft loading from now on: the returned function waits for it and
+    raises what apply_text() would. nft takes seconds over a big table, on another CPU."""
+    return background(["nft", "-f", "-"], stdin=text, timeout=WHOLE_TABLE_TIMEOUT)
 
 
 # --- parsing the live table back into a ruleset ------------------------------------------------
