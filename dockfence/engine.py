@@ -169,10 +169,11 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
         saved = state.Record()  # what `restore` loads at the next boot
-        # over SSH the lockout check needs the compiled rules
-        if not full and not rebuild and not ssh and saved.exists():
+        if not full and not rebuild and saved.exists():
             quick, inv = _unchanged_by_stamp(policy_path)
-            if quick is not None:
+            # Over SSH, rules that would deny the session's next login are refused even when
+            # they are already in force: checked on the recorded rules (the same, by stamp).
+            if quick is not None and not (ssh and _locks_out(quick.stamp, quick.inventory, ssh)):
                 quick.warnings[:0] = fetched
                 return quick, 0
         from .plan import diff
@@ -235,6 +236,12 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         from .revoke import revoke
 
         return plan, revoke(live, desired, inv)
+
+
+def _locks_out(st: Stamp, inv: Inventory, ssh: str) -> bool:
+    """Would the rules recorded for this stamp lock the SSH session out? True when unknown."""
+    recorded = record.ruleset(st)
+    return recorded is None or lockout(recorded, inv, ssh) is not None
 
 
 def load(table: str) -> None:

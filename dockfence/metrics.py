@@ -182,8 +182,9 @@ class Metrics:
             yield entries
             live_bans = nft.live_bans()
             if live_bans is not None:
-                yield GaugeMetricFamily("dockfence_bans", "Addresses and networks banned now "
-                                        "(dockfence ban, fail2ban)", value=len(live_bans))
+                yield GaugeMetricFamily("dockfence_bans", "Address blocks banned now (dockfence "
+                                        "ban, fail2ban); overlapping bans count as their "
+                                        "disjoint blocks", value=len(live_bans))
             sync = self._sync()
             if sync is not None:
                 yield GaugeMetricFamily("dockfence_table_in_sync",

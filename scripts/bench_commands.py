@@ -47,6 +47,9 @@ from dockfence.lab import NETNS_DIR, Lab  # noqa: E402
 SIZES = (10, 1_000, 100_000, 1_000_000)
 START, END = "<!-- bench_commands: start -->", "<!-- bench_commands: end -->"
 SMALL = 10  # the "small policy" of the targets
+# nft reads every element of the table before it adds one (dockfence bans over netlink): the
+# same ban by hand takes minutes at a million entries, so it is timed up to this size only
+RAW_BAN_MAX = 100_000
 
 
 def policy_inline(entries: Sequence[str]) -> str:
@@ -168,6 +171,11 @@ def measure(r: Runner, row: Row, path: Path, small: Path, workdir: Path, reps: i
         if '"unchanged": true' not in t.out:
             raise bench.BenchError(f"plan after apply is not unchanged: {t.out[-1000:]}")
         row.timed("status", r.dockfence("status"))
+        row.timed("ban", r.dockfence("ban", "198.51.100.77", "--for", "1h"))
+        row.timed("unban", r.dockfence("unban", "198.51.100.77"))
+        if row.n <= RAW_BAN_MAX:
+            row.timed("nft ban", r.nft("add", "element", "inet", "dockfence", "bans_v4",
+                                       "{ 198.51.100.78 timeout 3600s }"))
         if row.n > SMALL:
             row.timed("shrink", r.dockfence("apply", "--policy", str(small)))
     r.dockfence("remove")
@@ -248,6 +256,9 @@ def report(rows: list[Row], small: dict[str, list[float]], imports: dict[str, fl
             both(row, "nft -j list"), both(row, "plan"), ratios(row, "plan", "nft list"),
             both(row, "status"), ratios(row, "status", "nft list"), both(row, "shrink"),
             bench.fmt_kib(row.m("apply rss")), bench.fmt_kib(row.m("nft rss"))])
+    ban_body = [[bench.fmt_n(row.n), row.source, both(row, "ban"), both(row, "unban"),
+                 both(row, "nft ban") if row.n <= RAW_BAN_MAX else "not timed (minutes)"]
+                for row in rows]
     small_body = [[k, fmt(median(v)), fmt(median(small[f"{k} cpu"]))]
                   for k, v in small.items() if not k.endswith(" cpu")]
     lines = [
@@ -265,6 +276,13 @@ def report(rows: list[Row], small: dict[str, list[float]], imports: dict[str, fl
         "it runs), from wait4.",
         "",
         bench.table(header, body),
+        "",
+        "Bans over the big table: `dockfence ban` (record, netlink update of the ban set, "
+        "conntrack for flows to cut) and `unban`, beside the same ban added by hand with "
+        "`nft add element`, which reads every element of the table into nft's cache first:",
+        "",
+        bench.table(["N entries", "list", "dockfence ban", "dockfence unban",
+                     "nft add element"], ban_body),
         "",
         "Commands that do not depend on the list size (10-entry policy, applied), and the "
         "interpreter's own start for scale:",

@@ -4,6 +4,7 @@ and exit codes."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -294,3 +295,51 @@ def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None
         # it starts no process and writes no state: neither subprocess, nor shutil (bz2, lzma)
         # for finding programs, nor secrets (random, hmac, base64) for naming a generation
         "subprocess", "shutil", "bz2", "lzma", "secrets", "random"})
+
+
+NO_OP_OVER_SSH = NO_OP_APPLY.replace("plan, cut = engine.apply(path)", """
+import json, os
+from dockfence import record
+recorded = record.decode(json.loads({recorded!r}))
+engine.record.ruleset = lambda st: recorded if st == stamp else None
+os.environ["SSH_CONNECTION"] = "203.0.113.3 50000 203.0.113.1 22"
+plan, cut = engine.apply(path)""")
+
+
+def _recorded(path: str) -> str:
+    from dockfence import policy, record
+    from dockfence.compile import compile_policy
+    from dockfence.model import Inventory
+
+    return json.dumps(record.encode(compile_policy(policy.load(path), Inventory())))
+
+
+def test_no_op_apply_over_ssh_checks_the_recorded_rules_only(tmp_path: Path) -> None:
+    """Over SSH, "nothing changed" still needs no validator, compiler or diff: the lockout
+    check reads the rules recorded for the live stamp (before, every apply over SSH compiled
+    and rendered the whole policy: seconds with big lists)."""
+    path = write(tmp_path, POLICY)
+    loaded = _modules_after(NO_OP_OVER_SSH.format(path=path, recorded=_recorded(path)),
+                            tmp_path)
+    assert "dockfence.explain" in loaded  # the lockout check ran
+    assert not loaded & {"dockfence.policy", "dockfence.compile", "dockfence.plan",
+                         "dockfence.located_yaml", "msgspec", "yaml", "subprocess"}
+
+
+def test_a_no_op_over_ssh_is_refused_when_the_rules_in_force_lock_the_session_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick answer is not given when the recorded rules would deny the session's next
+    login (nor when no rules are recorded): apply then goes the long way, which refuses."""
+    from dockfence import engine, record
+    from dockfence.model import Inventory
+    from dockfence.stamp import Stamp
+
+    path = write(tmp_path, POLICY.replace("port: 22/tcp\n      from: any",
+                                          "port: 22/tcp\n      from: office"))
+    monkeypatch.setattr(record, "DIRECTORY", tmp_path)
+    st = Stamp("a" * 32, "b" * 32)
+    record.save(st, record.decode(json.loads(_recorded(path))))
+    assert engine._locks_out(st, Inventory(), "198.51.100.99 50000 203.0.113.1 22")
+    assert not engine._locks_out(st, Inventory(), "203.0.113.3 50000 203.0.113.1 22")
+    assert engine._locks_out(Stamp("c" * 32, "b" * 32), Inventory(),
+                             "203.0.113.3 50000 203.0.113.1 22")  # nothing recorded
