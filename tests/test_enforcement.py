@@ -755,6 +755,14 @@ def test_apply_refuses_to_lock_out_its_ssh_session(env: Env) -> None:
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "lock you out" in proc.stderr
     assert ruleset(env.lab) == before
+    # the rules in force, applied again: nothing would change, and still refused over it
+    proc = dockfence(env.lab, "apply", "--policy", env.path("main"), ssh=ssh)
+    assert proc.returncode == 2 and "lock you out" in proc.stderr, (proc.stdout, proc.stderr)
+    # over a session the rules admit (22 from any), the same apply is the quick no-op
+    admitted = dockfence(env.lab, "apply", "--policy", env.path("main"),
+                         ssh=f"{CLIENT_V4} 50022 {HOST_EXT0_V4} 22")
+    assert admitted.returncode == 0 and "No changes" in admitted.stdout, admitted
+    assert ruleset(env.lab) == before
     env.applied = "main"
 
 
