@@ -35,6 +35,8 @@ import pytest
 
 from dockfence.lab import CLIENT_V4, CLIENT_V4_ALT, CLIENT_V6, CLIENT_V6_ALT, NETNS_DIR, Lab
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,12 +249,3 @@ def test_watch_first_address_needs_a_full_apply_and_closes_meanwhile(site: Site)
     proc = dockfence(lab, "remove")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert wait_for(lambda: all(probe(lab, list(want)).values())), "baseline without dockfence"
-
-
-def wait_for(condition, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False

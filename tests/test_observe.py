@@ -19,8 +19,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,16 @@ from dockfence.lab import (
     Lab,
 )
 
+from helpers import wait_for as poll
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = "127.0.0.1:9464"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
+# what observe waits for (counters, log lines) shows within seconds: give up after 20 s
+wait_for = partial(poll, timeout=20, interval=0.2)
 POLICY = """\
 version: 1
 lists:
@@ -60,16 +65,6 @@ containers:
       port: 8080/tcp
       from: office
 """
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    return None
 
 
 def dockfence(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
