@@ -30,12 +30,11 @@ def container_gate(counts: dict[str, int], g: Gate) -> Count:
 
 
 def host_gate(counts: dict[str, int], g: Gate) -> Count:
-    return _gate(counts, nft.gate_name(f"host_{g.proto}", str(g.ports)))
+    return _gate(counts, nft.host_stem(g))
 
 
 def direct_gate(counts: dict[str, int], g: DirectGate) -> Count:
-    fam = "v4" if g.address.version == 4 else "v6"
-    return _gate(counts, nft.gate_name(f"direct_{fam}_{g.proto}", f"{g.address} . {g.port}"))
+    return _gate(counts, nft.direct_stem(g))
 
 
 def _default(counts: dict[str, int], name: str, verdict: Verdict) -> Count:

@@ -102,6 +102,13 @@ def bridge_name(net: dict[str, Any]) -> str | None:
     return name or f"br-{net['Id'][:12]}"
 
 
+def network_facts(networks: list[dict[str, Any]]) -> tuple[list[str], dict[str, set[int]]]:
+    """From `GET /networks`: Docker's bridge names, and the IP versions routed on each network
+    (by id)."""
+    return ([b for n in networks if (b := bridge_name(n))],
+            {n["Id"]: routed_families(n) for n in networks})
+
+
 @dataclass(frozen=True)
 class Daemon:
     """What doctor needs to know about the Docker daemon."""
@@ -130,8 +137,7 @@ def inventory() -> Inventory:
     client = _client()
     try:
         info = client.get("/info")
-        networks = client.get("/networks")
-        routed = {n["Id"]: routed_families(n) for n in networks}
+        bridges, routed = network_facts(client.get("/networks"))
         containers = []
         for summary in client.get("/containers/json"):
             try:
@@ -141,7 +147,6 @@ def inventory() -> Inventory:
             c = container_of(attrs, routed)
             if c is not None:
                 containers.append(c)
-        bridges = sorted({b for n in networks if (b := bridge_name(n))})
     except (dockerapi.DockerError, KeyError, TypeError, AttributeError) as exc:
         raise OperationalError(f"Docker API error: {exc}") from None
     finally:
@@ -175,11 +180,9 @@ class DockerLink:
     def networks(self) -> tuple[list[str], dict[str, set[int]]]:
         """Docker's bridge names, and the IP versions routed on each network (by id)."""
         try:
-            networks = self.client.get("/networks")
-        except (dockerapi.DockerError, TypeError, AttributeError) as exc:
+            return network_facts(self.client.get("/networks"))
+        except (dockerapi.DockerError, KeyError, TypeError, AttributeError) as exc:
             raise OperationalError(f"Docker API error: {exc}") from None
-        return ([b for n in networks if (b := bridge_name(n))],
-                {n["Id"]: routed_families(n) for n in networks})
 
     def running(self, cid: str, routed: dict[str, set[int]]) -> Container | None:
         """The container if it runs now (None: stopped, gone, or a name the policy could not

@@ -27,6 +27,8 @@ from .backends.nftables import (
     address_sets,
     chain_order,
     comment,
+    direct_map,
+    direct_map_key,
     gate_map_key,
     gate_name,
     has_addressed,
@@ -85,7 +87,7 @@ def _direct_entries(gates: Iterable[DirectGate], version: int, proto: str) -> di
     out = {}
     for d in gates:
         if d.proto == proto and d.address.version == version:
-            key = f"{d.address} . {d.port}"
+            key = direct_map_key(d)[1]
             raw = nl.addr_port_key(d.address, d.port)
             out[key] = (key, raw, raw, comment(d.label, d.origin)[1:-1], d.sources)
     return out
@@ -193,9 +195,9 @@ def _rendered(rs: Ruleset | None) -> dict[str, dict[str, _Entry]]:
     if rs is None:
         return {}
     out = {f"{proto}_ports": _gate_entries(rs.container_gates, proto) for proto in PROTOS}
-    for fam, version in (("v4", 4), ("v6", 6)):
+    for version in (4, 6):
         for proto in PROTOS:
-            out[f"direct_{fam}_{proto}"] = _direct_entries(rs.direct, version, proto)
+            out[direct_map(version, proto)] = _direct_entries(rs.direct, version, proto)
             out[addr_map(version, proto)] = _addr_entries(rs.container_gates, version, proto)
     return out
 
@@ -225,9 +227,9 @@ def element_update(old: Ruleset, new: Ruleset, chains: Chains,
                                   _addr_entries(old.container_gates, version, proto),
                                   _addr_entries(new.container_gates, version, proto)):
                     return None
-        for fam, version in (("v4", 4), ("v6", 6)):
+        for version in (4, 6):
             for proto in PROTOS:
-                if not b.map_diff(f"direct_{fam}_{proto}", False,
+                if not b.map_diff(direct_map(version, proto), False,
                                   _direct_entries(old.direct, version, proto),
                                   _direct_entries(new.direct, version, proto)):
                     return None

@@ -53,11 +53,9 @@ def labelled(rs: Ruleset) -> dict[str, tuple[LabelSet, str]]:
     for g in rs.container_gates:
         both(nft.gate_stem(g), ("container", _container(g.label), g.where(), g.proto))
     for g in rs.host.gates if rs.host else ():
-        both(nft.gate_name(f"host_{g.proto}", str(g.ports)), ("host", "", str(g.ports), g.proto))
+        both(nft.host_stem(g), ("host", "", str(g.ports), g.proto))
     for d in rs.direct:
-        fam = "v4" if d.address.version == 4 else "v6"
-        both(nft.gate_name(f"direct_{fam}_{d.proto}", f"{d.address} . {d.port}"),
-             ("direct", _container(d.label), str(d.port), d.proto))
+        both(nft.direct_stem(d), ("direct", _container(d.label), str(d.port), d.proto))
     for sources, name in nft.allow_chains(rs):  # ports watch added since the last full apply
         both(name, ("allow-list", ", ".join(sources.names) or name, "", ""))
     out[nft.COUNTER_BANNED] = (("banned", "", "", ""), "refused")

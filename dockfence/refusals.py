@@ -89,13 +89,11 @@ class Describer:
             self.names[f"{nft.gate_stem(g)}_refused"] = (f"{g.label} (host port {g.where()})",
                                                          g.origin)
         for g in rules.host.gates if rules.host else ():
-            stem = nft.gate_name(f"host_{g.proto}", str(g.ports))
-            self.names[f"{stem}_refused"] = (f"host port {g.ports}/{g.proto}", g.origin)
+            self.names[f"{nft.host_stem(g)}_refused"] = (f"host port {g.ports}/{g.proto}",
+                                                         g.origin)
         for d in rules.direct:
-            fam = "v4" if d.address.version == 4 else "v6"
-            stem = nft.gate_name(f"direct_{fam}_{d.proto}", f"{d.address} . {d.port}")
-            self.names[f"{stem}_refused"] = (f"{d.label} on {d.address} (direct routing)",
-                                             d.origin)
+            self.names[f"{nft.direct_stem(d)}_refused"] = (
+                f"{d.label} on {d.address} (direct routing)", d.origin)
 
     @staticmethod
     def live() -> Describer:

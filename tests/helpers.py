@@ -1,8 +1,26 @@
-"""Shared builders for the pure-core tests."""
+"""Shared builders for the pure-core tests, and the lab tests' polling."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 from dockfence.model import Binding, Container, Inventory
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float = 60, interval: float = 0.1) -> T | None:
+    """check's first truthy result, polled every interval seconds; None after timeout seconds.
+
+    Callers assert on it with their own message, so a timeout says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := check():
+            return got
+        time.sleep(interval)
+    return None
 
 
 def container(

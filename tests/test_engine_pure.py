@@ -7,7 +7,13 @@ from dataclasses import replace
 
 from dockfence import policy
 from dockfence.compile import compile_policy
-from dockfence.discovery import bindings_of, bridge_name, container_of, routed_families
+from dockfence.discovery import (
+    bindings_of,
+    bridge_name,
+    container_of,
+    network_facts,
+    routed_families,
+)
 from dockfence.engine import lockout
 from dockfence.model import Binding, Inventory
 from dockfence.plan import diff
@@ -151,7 +157,9 @@ def test_routed_mode_ports_and_networks() -> None:
                     "GlobalIPv6Address": "2001:db8:78::2"}
     attrs = {"Id": "c", "Name": "/api",
              "NetworkSettings": {"Ports": ports, "Networks": {"n": net_settings}}}
-    c = container_of(attrs, {"n1": routed_families(net)})
+    bridges, routed = network_facts([net, {"Id": "h1", "Driver": "host"}])
+    assert (bridges, routed) == (["br-n1"], {"n1": {6}, "h1": set()})
+    c = container_of(attrs, routed)
     assert c is not None and c.routed_addresses == ("2001:db8:78::2",)
 
 

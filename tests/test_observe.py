@@ -19,8 +19,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,16 @@ from dockfence.lab import (
     Lab,
 )
 
+from helpers import wait_for as poll
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = "127.0.0.1:9464"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
+# what observe waits for (counters, log lines) shows within seconds: give up after 20 s
+wait_for = partial(poll, timeout=20, interval=0.2)
 POLICY = """\
 version: 1
 lists:
@@ -60,16 +65,6 @@ containers:
       port: 8080/tcp
       from: office
 """
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    return None
 
 
 def dockfence(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
@@ -308,21 +303,23 @@ def syn_packets(count: int, dst: str, dport: int) -> list[bytes]:
     return out
 
 
-FLOOD_SECONDS = 3.0
+FLOOD_CAP = 60.0  # seconds: the flood runs until the test stops it (SIGTERM), at most this
 FLOOD_SCRIPT = """
-import socket, sys, time, pickle
+import signal, socket, sys, time, pickle
 packets = pickle.load(sys.stdin.buffer)
 s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.connect((sys.argv[1], 0))
-send, sent, end = s.send, 0, time.monotonic() + float(sys.argv[2])
-while time.monotonic() < end:
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+send, sent, start = s.send, 0, time.monotonic()
+while not stop and time.monotonic() < start + float(sys.argv[2]):
     for p in packets[sent % len(packets):][:4000]:
         try:
             send(p)
         except OSError:  # a full queue: the point is the kernel's side, not ours
             pass
     sent += 4000
-print(sent)
+print(sent, time.monotonic() - start)
 """
 
 
@@ -352,19 +349,28 @@ def test_flood_is_summarised_bounded_and_spares_allowed_traffic(observed: Observ
     quiet = [_timed_office(lab) for _ in range(10)]
     flood = subprocess.Popen(
         ["nsenter", f"--net={NETNS_DIR / lab.client_ns}", sys.executable, "-c", FLOOD_SCRIPT,
-         HOST_EXT0_V6, str(FLOOD_SECONDS)],
+         HOST_EXT0_V6, str(FLOOD_CAP)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert flood.stdin is not None
-    flood.stdin.write(pickle.dumps(packets))
-    flood.stdin.close()
-    # allowed traffic keeps being served during the flood
-    assert wait_for(lambda: observed.port(8081)["refused"] > before["refused"] + 1000)
-    served = [_timed_office(lab) for _ in range(10)]
-    assert flood.stdout is not None
-    sent = int(flood.stdout.read())
-    flood.wait(timeout=60)
+    assert flood.stdin is not None and flood.stdout is not None
+    try:
+        flood.stdin.write(pickle.dumps(packets))
+        flood.stdin.close()
+        # allowed traffic keeps being served during the flood: it is under way...
+        rising = wait_for(lambda: (p := observed.port(8081))["refused"]
+                          > before["refused"] + 1000 and p)
+        assert rising, observed.port(8081)
+        served = [_timed_office(lab) for _ in range(10)]
+        # ...and still was after the probes: its counter kept rising and it is still sending
+        during = observed.port(8081)["refused"]
+        assert flood.poll() is None, "the flood ended before the office's probes did"
+        assert during > rising["refused"], (rising, during)
+    finally:
+        flood.terminate()
+        out = flood.stdout.read().decode().split()
+        flood.wait(timeout=60)
+    sent, seconds = int(out[0]), float(out[1])
     assert all(ok for ok, _ in served), served
-    print(f"flood: {sent:,} SYNs in {FLOOD_SECONDS} s ({sent / FLOOD_SECONDS:,.0f}/s); office "
+    print(f"flood: {sent:,} SYNs in {seconds:.1f} s ({sent / seconds:,.0f}/s); office "
           f"connects before: {sorted(round(t * 1000, 1) for _, t in quiet)} ms, during: "
           f"{sorted(round(t * 1000, 1) for _, t in served)} ms")
     # the kernel counted every refusal; watch summarised instead of printing each one
@@ -377,8 +383,8 @@ def test_flood_is_summarised_bounded_and_spares_allowed_traffic(observed: Observ
                 if "more from" in ln and "source(s)" in ln]
 
     def summarised() -> int:
-        """The kernel's count of refusals, as the summaries give it (a flood may straddle two
-        windows)."""
+        """The kernel's count of refusals, as the summaries give it (a flood may straddle
+        several windows)."""
         return sum(int(ln.split("the kernel refused ")[1].split()[0].replace(",", ""))
                    for ln in summaries() if "the kernel refused " in ln)
 
@@ -392,4 +398,4 @@ def test_flood_is_summarised_bounded_and_spares_allowed_traffic(observed: Observ
     assert growth < 30_000, f"watch grew by {growth} KiB during the flood"
     # 25-35 k/s on an idle 2-core machine; the kernel's receive path runs in the sender's
     # context, so a busy machine sends fewer: below this the test proves too little
-    assert sent / FLOOD_SECONDS > 5_000, "the flood generator was too slow to prove anything"
+    assert sent / seconds > 5_000, "the flood generator was too slow to prove anything"

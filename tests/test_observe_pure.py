@@ -121,6 +121,24 @@ def test_counters_per_gate_and_defaults() -> None:
     assert d["containers.default"] == counters.Count(0, 4)
 
 
+def test_gates_are_read_under_the_counters_the_table_declares() -> None:
+    """status and the refusal log name each gate's counters as the table does: container, host
+    and direct-routing gates alike."""
+    rs = rules()
+    assert rs.host is not None and rs.host.gates and rs.direct
+    shared = {name for _, name in nft.allow_chains(rs)}
+    gated = {line.split()[1] for line in nft.render(rs).splitlines()
+             if line.startswith("\tcounter ") and line.split()[1].endswith(("_allowed", "_refused"))
+             and line.split()[1].rsplit("_", 1)[0] not in shared}
+    counts = {name: n for n, name in enumerate(sorted(gated), 1)}  # each value names a counter
+    read = ([counters.container_gate(counts, g) for g in rs.container_gates]
+            + [counters.host_gate(counts, g) for g in rs.host.gates]
+            + [counters.direct_gate(counts, d) for d in rs.direct])
+    assert sorted(v for c in read for v in (c.allowed, c.refused)) == sorted(counts.values())
+    assert set(refusals.Describer(rs, scenario()).names) == {
+        name for name in gated if name.endswith("_refused")}
+
+
 def test_every_counter_the_table_declares_has_labels() -> None:
     rs = rules()
     table = nft.render(rs)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,8 @@ from dockfence.lab import (
     Lab,
 )
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,15 +58,6 @@ containers:
       port: 8080/tcp
       from: [office]
 """
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def office_stranger(port: int) -> list[tuple[str, str, str, int]]:

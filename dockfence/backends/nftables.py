@@ -121,6 +121,32 @@ def gate_stem(g: Gate) -> str:
     return gate_name(*gate_map_key(g))
 
 
+def host_map(proto: str) -> str:
+    """The map of the host's own ports (policy `host:`): `host_tcp`."""
+    return f"host_{proto}"
+
+
+def host_stem(g: Gate) -> str:
+    """The chain and counter stem of a host gate: `host_tcp_22`."""
+    return gate_name(host_map(g.proto), str(g.ports))
+
+
+def direct_map(version: int, proto: str) -> str:
+    """The map of the gates of container addresses reached without NAT: `direct_v6_tcp`."""
+    return f"direct_v{version}_{proto}"
+
+
+def direct_map_key(d: DirectGate) -> tuple[str, str]:
+    """(map, key as nft writes it) of a direct-routing gate: `direct_v6_tcp`,
+    `2001:db8::2 . 80`."""
+    return direct_map(d.address.version, d.proto), f"{d.address} . {d.port}"
+
+
+def direct_stem(d: DirectGate) -> str:
+    """The chain and counter stem of a direct-routing gate (see gate_name)."""
+    return gate_name(*direct_map_key(d))
+
+
 def refuse(counter: str, text: str, match: str = "", why: str = "") -> str:
     """The refusal of one drop point: counted, reported (kernel rate-limited), dropped. Two
     rules, because `limit` ends a rule once over budget and the drop must happen anyway.
@@ -280,11 +306,11 @@ class _Renderer:
 
     def direct_map(self, name: str, addr_type: str, gates: list[DirectGate]) -> None:
         self.verdict_map(name, f"{addr_type} . inet_service", False,
-                         [(f"{g.address} . {g.port}", comment(g.label, g.origin), g.sources)
+                         [(direct_map_key(g)[1], comment(g.label, g.origin), g.sources)
                           for g in gates])
 
 
-_DIRECT_MAPS = (("v4", "ip", "ipv4_addr", 4), ("v6", "ip6", "ipv6_addr", 6))
+_DIRECT_MAPS = (("ip", "ipv4_addr", 4), ("ip6", "ipv6_addr", 6))
 
 
 def _banned(counter: str, match: str = "") -> list[str]:
@@ -426,17 +452,17 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
                                       if g.proto == proto and g.host is None])
     addressed = has_addressed(rs)
     if addressed:
-        for _, _, addr_type, version in _DIRECT_MAPS:
+        for _, addr_type, version in _DIRECT_MAPS:
             for proto in PROTOS:
                 r.addr_map(addr_map(version, proto), addr_type,
                            [g for g in rs.container_gates if g.proto == proto
                             and g.host is not None and g.host.version == version])
     if rs.host is not None:
         for proto in PROTOS:
-            r.port_map(f"host_{proto}", [g for g in rs.host.gates if g.proto == proto])
-    for fam, _, addr_type, version in _DIRECT_MAPS:
+            r.port_map(host_map(proto), [g for g in rs.host.gates if g.proto == proto])
+    for _, addr_type, version in _DIRECT_MAPS:
         for proto in PROTOS:
-            r.direct_map(f"direct_{fam}_{proto}", addr_type,
+            r.direct_map(direct_map(version, proto), addr_type,
                          [g for g in rs.direct if g.proto == proto
                           and g.address.version == version])
 
@@ -462,7 +488,7 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         # host address is keyed on that address first.
         *(f"\t\tct status dnat meta l4proto {proto} ct original {match} daddr . "
           f"ct original proto-dst vmap @{addr_map(version, proto)}"
-          for proto in (PROTOS if addressed else ()) for _, match, _, version in _DIRECT_MAPS),
+          for proto in (PROTOS if addressed else ()) for match, _, version in _DIRECT_MAPS),
         "\t\tct status dnat meta l4proto tcp ct original proto-dst vmap @tcp_ports",
         "\t\tct status dnat meta l4proto udp ct original proto-dst vmap @udp_ports",
         # Fail closed: Docker's DNAT only rewrites traffic addressed to the host itself, so a
@@ -473,8 +499,8 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         f"\t\toifname @{BRIDGE_SET} goto to_containers",
         "\t}",
         "\tchain to_containers {",
-        *(f"\t\t{match} daddr . {proto} dport vmap @direct_{fam}_{proto}"
-          for fam, match, _, _ in _DIRECT_MAPS for proto in PROTOS),
+        *(f"\t\t{match} daddr . {proto} dport vmap @{direct_map(version, proto)}"
+          for match, _, version in _DIRECT_MAPS for proto in PROTOS),
         refuse(COUNTER_DIRECT, comment(TAG_DIRECT)),
         "\t}",
         "\tchain input {",
@@ -484,7 +510,7 @@ def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
         '\t\tiifname "lo" accept',
         *scope,
         *(f"\t\t{match} daddr . {proto} dport vmap @{addr_map(version, proto)}"
-          for proto in (PROTOS if addressed else ()) for _, match, _, version in _DIRECT_MAPS),
+          for proto in (PROTOS if addressed else ()) for match, _, version in _DIRECT_MAPS),
         "\t\ttcp dport vmap @tcp_ports",
         "\t\tudp dport vmap @udp_ports",
     ]
@@ -863,7 +889,7 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
     guard = tagged("loopback_guard", TAG_LOOPBACK)
     host = None
     if host_default is not None:
-        host = HostRules(tuple(gates("host_tcp", "tcp") + gates("host_udp", "udp")),
+        host = HostRules(tuple(g for proto in PROTOS for g in gates(host_map(proto), proto)),
                          host_default[0], host_default[1])
     return Ruleset(
         container_gates=tuple(gates("tcp_ports", "tcp") + gates("udp_ports", "udp") + [
@@ -872,8 +898,8 @@ def parse_live(doc: dict[str, Any]) -> Ruleset:
         unknown_origin=unknown[1],
         outside=outside(),
         docker_bridges=bridges,
-        direct=tuple(g for fam, _, _, _ in _DIRECT_MAPS for proto in PROTOS
-                     for g in direct(f"direct_{fam}_{proto}", proto)),
+        direct=tuple(g for _, _, version in _DIRECT_MAPS for proto in PROTOS
+                     for g in direct(direct_map(version, proto), proto)),
         host=host,
         loopback_guard=guard is not None and guard[0] == "deny",
     )
