@@ -244,9 +244,15 @@ def test_prometheus_scrapes_the_refused_count(observed: Observed) -> None:
         stdout=subprocess.DEVNULL, stderr=(home / "log").open("w"))
     try:
         # a port nobody tried yet: web on 8081 is shared with other tests, so a fresh one
+        before = len(observed.output())
         lab.run_container("fresh", ["8085:8080"], Lab.tcp_server_cmd(8080))
         # served to the office once watch has applied its rule (the listener is alive)
         assert wait_for(lambda: office(lab, 8085)), observed.output()
+        # Watch admits a new port at once by jumping to its list's shared chain; the port's own
+        # counters come with the full apply once events are quiet (watch.REBUILD_AFTER). A
+        # refusal before that is counted under the list's chain, not the port's.
+        assert wait_for(lambda: "get their own counters" in observed.output()[before:]), \
+            observed.output()
         query = 'dockfence_refused_connections_total{host_port="8085",proto="tcp"}'
         zero = wait_for(lambda: _prom_query(lab, query), timeout=60)
         assert zero, (home / "log").read_text()[-2000:]
