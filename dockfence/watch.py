@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from . import discovery, engine, listfiles, listurls, state
+from . import record as applied
 from .backends import netlink
 from .backends import nftables as nft
 from .compile import compile_policy
@@ -357,6 +358,8 @@ class Watcher:
         self._applied(answered, True, new_table=False)
         if any(op.set not in (nft.STAMP_SET, nft.BRIDGE_SET) for op in update.ops):
             self.rebuild_at = time.monotonic() + REBUILD_AFTER
+        elif g.rendered is old:  # Docker's bridges only: still what render() writes
+            self._exact(rs, stamp)
         took, ours = (done - self.received) * 1000, (done - answered) * 1000
         # Docker answers an inspect only once the container's start (or stop) is complete: the
         # event comes earlier, so `took` is mostly Docker's own work
@@ -394,6 +397,15 @@ class Watcher:
             self.pending = "resync after a failed update"
             return None
 
+    def _exact(self, rs: Ruleset, stamp: Stamp | None) -> None:
+        """The table is again exactly what render() writes for `rs` (every port with its own
+        chain), under a new stamp: recorded as apply records it, so that `status`, `log` and a
+        no-op `apply` trust the stamp rather than read a table of a million addresses back."""
+        assert self.guard is not None
+        self.guard.rendered = rs
+        if stamp is not None:
+            applied.save(stamp, rs)
+
     def _refresh_lists(self) -> None:
         """Downloaded lists that are due: fetched, and when a list changed, only the elements
         of its sets change, in one transaction (a full apply when the table's structure must
@@ -423,10 +435,13 @@ class Watcher:
         if update and self._commit(what, update, rs, stamp) is None:
             return
         old = g.ruleset
-        g.rendered = rs if g.rendered is old else None
+        exact = g.rendered is old
+        g.rendered = rs if exact else None
         g.policy, g.ruleset, g.chains, g.stamp = pol, rs, nft.allow_chains(rs), stamp
         if not update:
             return
+        if exact:
+            self._exact(rs, stamp)
         self._applied(started, True, new_table=False, event=False)
         sets = sorted({op.set for op in update.ops} - {nft.STAMP_SET})
         self.report(f"{what}: updated the elements of {', '.join(sets)} in "
