@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from dockfence.lab import NETNS_DIR, Lab
 from dockfence.model import Binding, Container, Inventory
 
 T = TypeVar("T")
@@ -80,3 +84,21 @@ containers:
       port: 8443/tcp
       from: [office]
 """
+
+
+def recorded_stamp(lab: Lab) -> str | None:
+    """The stamp of dockfence's apply record for the lab host (dockfence.record): while it is
+    the live table's, status, log and a no-op apply trust the record."""
+    ino = os.stat(NETNS_DIR / lab.host_ns).st_ino
+    try:
+        with open(f"/run/dockfence/applied.{ino}.json") as fh:
+            return str(json.loads(fh.readline())["stamp"])
+    except FileNotFoundError:
+        return None
+
+
+def live_stamp(lab: Lab) -> str:
+    listed = lab.host_exec("nft", "list", "set", "inet", "dockfence", "stamp").stdout
+    found = re.search(r'comment "([^"]+)"', listed)
+    assert found, listed
+    return found[1]

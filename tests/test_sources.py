@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from dockfence.lab import (
     NETNS_DIR,
     Lab,
 )
+
+from helpers import live_stamp, recorded_stamp
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = Path(__file__).resolve().parent / "list_server.py"
@@ -288,23 +289,6 @@ def _handle(site: Site) -> int:
                 if o.get("table", {}).get("name") == "dockfence")
 
 
-def _recorded_stamp(site: Site) -> str | None:
-    """The stamp of dockfence's apply record for the lab host (dockfence.record)."""
-    ino = os.stat(NETNS_DIR / site.lab.host_ns).st_ino
-    try:
-        head = Path(f"/run/dockfence/applied.{ino}.json").read_text().split("\n", 1)[0]
-    except FileNotFoundError:
-        return None
-    return str(json.loads(head)["stamp"])
-
-
-def _live_stamp(site: Site) -> str:
-    listed = site.lab.host_exec("nft", "list", "set", "inet", "dockfence", "stamp").stdout
-    found = re.search(r'comment "([^"]+)"', listed)
-    assert found, listed
-    return found[1]
-
-
 def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> None:
     """A list that changes upstream changes the elements of its sets under watch (the table is
     not replaced); a garbled answer changes nothing; a change of the table's structure (the
@@ -356,7 +340,7 @@ def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> Non
         plan = json.loads(site.dockfence("plan", "--json", "--policy", str(site.policy)).stdout)
         assert plan["unchanged"] is True, plan["changes"]  # what a fresh apply would write
         # and recorded as an apply records it: status and apply trust the new stamp again
-        assert _recorded_stamp(site) == _live_stamp(site), log.read_text()
+        assert recorded_stamp(site.lab) == live_stamp(site.lab), log.read_text()
         proc_apply = site.dockfence("apply", "--policy", str(site.policy))
         assert "No changes" in proc_apply.stdout, proc_apply.stdout + proc_apply.stderr
 

@@ -39,7 +39,7 @@ from dockfence.lab import (
     Lab,
 )
 
-from helpers import wait_for
+from helpers import live_stamp, recorded_stamp, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -199,6 +199,25 @@ def test_compose_sequence_never_lets_a_stranger_in(watch: Watch) -> None:
         assert wait_for(lambda: knock.attempts > 20)
     assert knock.successes == 0, f"{knock.successes} of {knock.attempts} got in"
     assert wait_for(watch.in_step)
+
+
+def test_a_bridge_only_change_is_recorded_like_an_apply(watch: Watch) -> None:
+    """A network created under watch, on a bridge no pattern covers: one element update of the
+    bridge set. The table is still what render() writes, so watch records it as apply does:
+    status and a no-op apply trust the new stamp instead of reading the table back."""
+    lab = watch.lab
+    assert wait_for(watch.in_step), watch.log()
+    seen = len(watch.log())
+    lab.docker("network", "create", "-o", "com.docker.network.bridge.name=dfonly0", "dfonly")
+    try:
+        assert wait_for(lambda: "updated" in watch.log()[seen:]), watch.log()[seen:]
+        assert "dfonly0" in lab.host_exec("nft", "list", "set", "inet", "dockfence",
+                                          "bridges").stdout
+        assert wait_for(lambda: recorded_stamp(lab) == live_stamp(lab)), \
+            (recorded_stamp(lab), live_stamp(lab), watch.log()[seen:])
+        assert watch.in_step()
+    finally:
+        lab.docker("network", "rm", "dfonly")
 
 
 def test_policy_edit_is_applied_and_a_bad_edit_keeps_the_rules(watch: Watch) -> None:
