@@ -17,7 +17,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from . import addresses, stamp
+from . import addresses, filedigests, stamp
 from .errors import PolicyError
 
 
@@ -40,9 +40,11 @@ class ListFile:
         return f"{self.name} (file {self.shown})"
 
 
-def read_bytes(policy_path: str, line: int | None, lf: ListFile) -> bytes:
+def read_bytes(policy_path: str, line: int | None, lf: ListFile
+               ) -> tuple[bytes, filedigests.Hashed]:
+    """The list file's bytes and digest (for the policy's digest and the memo of digests)."""
     try:
-        return Path(lf.shown).read_bytes()
+        return filedigests.read(lf.shown)
     except OSError as exc:
         raise PolicyError(policy_path, line, f"cannot read list file {lf.shown} of list "
                           f"{lf.name!r}: {exc.strerror}", lf.shown) from None
@@ -72,17 +74,19 @@ def parse_at(where: str, data: bytes) -> tuple[list[int], list[int]]:
 
 
 def policy_digest(policy_path: str, text: str | bytes,
-                  lists: list[tuple[ListFile, bytes]],
-                  downloaded: list[tuple[str, str, bytes]] | None = None) -> str:
+                  lists: list[tuple[ListFile, str]],
+                  downloaded: list[tuple[str, str, str]] | None = None) -> str:
     """The digest of everything a policy's rules are made of: the path as given (origins quote
     it), where it is (relative list files depend on it), its text (as UTF-8 bytes), each list
-    file, and the saved copy of each downloaded list (name, URL, bytes)."""
+    file, and the saved copy of each downloaded list (name, URL). Files count by their digest
+    (filedigests.of_bytes), which a memo can vouch for without reading a big list again."""
     data = text if isinstance(text, bytes) else text.encode()
     chunks = [policy_path.encode(), os.path.abspath(policy_path).encode(), data]
-    for lf, data in lists:
-        chunks += [lf.name.encode(), lf.shown.encode(), os.path.abspath(lf.shown).encode(), data]
-    for name, url, data in downloaded or []:
-        chunks += [b"url", name.encode(), url.encode(), data]
+    for lf, digest in lists:
+        chunks += [lf.name.encode(), lf.shown.encode(), os.path.abspath(lf.shown).encode(),
+                   digest.encode()]
+    for name, url, digest in downloaded or []:
+        chunks += [b"url", name.encode(), url.encode(), digest.encode()]
     return stamp.digest(*chunks)
 
 
@@ -148,7 +152,8 @@ def _parse_lists(text: str) -> list[tuple[str, str, Any]] | None:
 
 def inputs_digest(policy_path: str) -> str | None:
     """policy_digest() of the policy as it is on disk now, or None when only a full load can
-    tell (unreadable, odd YAML): cheap, it reads files and hashes them, nothing is validated."""
+    tell (unreadable, odd YAML): cheap, nothing is validated, and a list file or saved copy is
+    read and hashed only when the memo of digests cannot vouch for it (filedigests)."""
     try:
         text = Path(policy_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
@@ -156,20 +161,22 @@ def inputs_digest(policy_path: str) -> str | None:
     found = discover(text, policy_path)
     if found is None:
         return None
+    memo = filedigests.Memo()
     lists, downloaded = [], []
-    for name, kind, value in found:
-        if kind == "url":
-            from .listurls import LIST_NAME_RE, ListURL, saved
+    try:
+        for name, kind, value in found:
+            if kind == "url":
+                from .listurls import LIST_NAME_RE, ListURL, good_copy
 
-            data = saved(ListURL(name, value["url"]), verify=False) \
-                if LIST_NAME_RE.match(name) else None
-            if data is None:
-                return None
-            downloaded.append((name, value["url"], data))
-            continue
-        lf = ListFile.at(name, value, policy_path)
-        try:
-            lists.append((lf, Path(lf.shown).read_bytes()))
-        except OSError:
-            return None
+                copy = good_copy(ListURL(name, value["url"])) \
+                    if LIST_NAME_RE.match(name) else None
+                if copy is None:
+                    return None
+                downloaded.append((name, value["url"], memo.digest(copy)))
+            else:
+                lf = ListFile.at(name, value, policy_path)
+                lists.append((lf, memo.digest(lf.shown)))
+    except OSError:
+        return None
+    memo.save()
     return policy_digest(policy_path, text, lists, downloaded)

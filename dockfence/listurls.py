@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import filedigests
 from .errors import OperationalError
 from .model import LIST_NAME_RE
 from .statedir import state_dir
@@ -106,27 +107,40 @@ def _meta(lu: ListURL) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("url") == lu.url else None
 
 
-def saved(lu: ListURL, verify: bool = True) -> bytes | None:
-    """The last good copy of this URL's list, or None (never fetched, another URL, damaged).
-    Without `verify` its digest is not checked: for the stamp's digest, which any change to
-    the bytes changes anyway (and a full load then verifies)."""
+def good_copy(lu: ListURL) -> Path | None:
+    """Where the last good copy of this URL's list is, by its description (the bytes are not
+    checked: for the stamp's digest, which any change to them changes anyway, and a full load
+    then verifies), or None (never fetched, another URL)."""
+    meta = _meta(lu)
+    return None if meta is None or not isinstance(meta.get("fetched"), int | float) \
+        else lu.copy
+
+
+def saved_read(lu: ListURL) -> tuple[bytes, filedigests.Hashed] | None:
+    """The last good copy of this URL's list and its digest, or None (never fetched, another
+    URL, damaged: not the bytes its description records)."""
     meta = _meta(lu)
     if meta is None or not isinstance(meta.get("fetched"), int | float):
         return None
     try:
-        data = lu.copy.read_bytes()
+        data, hashed = filedigests.read(lu.copy)
     except OSError:
         return None
-    return data if not verify or hashlib.sha256(data).hexdigest() == meta.get("sha256") \
-        else None
+    return (data, hashed) if hashed.digest == meta.get("sha256") else None
 
 
-def read_saved(lu: ListURL) -> bytes:
-    data = saved(lu)
-    if data is None:
+def saved(lu: ListURL) -> bytes | None:
+    """The bytes of saved_read()."""
+    found = saved_read(lu)
+    return None if found is None else found[0]
+
+
+def read_saved(lu: ListURL) -> tuple[bytes, filedigests.Hashed]:
+    found = saved_read(lu)
+    if found is None:
         raise MissingCopy(f"{lu.label()}: no good copy has been downloaded yet (`dockfence "
                           f"apply` downloads it; nothing is enforced from an empty list)")
-    return data
+    return found
 
 
 def due(lu: ListURL, now: float | None = None) -> bool:

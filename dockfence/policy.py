@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from . import addresses, listfiles, listurls, located_yaml
+from . import addresses, filedigests, listfiles, listurls, located_yaml
 from .errors import PolicyError
 from .model import IFNAME_RE, LIST_NAME_RE, PortSpec, Sources, Verdict, parse_port
 
@@ -404,19 +404,21 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
 
     lists: dict[str, tuple[list[int], list[int]]] = {}  # name -> (IPv4, IPv6) blocks
     labels: dict[str, str] = {}  # how plan and status name a list read from a file
-    files: list[tuple[listfiles.ListFile, bytes]] = []
-    downloaded: list[tuple[str, str, bytes]] = []  # (name, URL, the saved copy)
+    files: list[tuple[listfiles.ListFile, str]] = []  # (list file, its digest)
+    downloaded: list[tuple[str, str, str]] = []  # (name, URL, the saved copy's digest)
+    hashed: dict[str, filedigests.Hashed] = {}  # what a no-op apply may trust without reading
     for name, form in forms.items():
         if isinstance(form, listfiles.ListFile):
-            data = listfiles.read_bytes(path, doc.line(("lists", name, "file")), form)
+            data, hashed[form.shown] = listfiles.read_bytes(
+                path, doc.line(("lists", name, "file")), form)
             lists[name] = listfiles.parse(form, data)
             labels[name] = form.label()
-            files.append((form, data))
+            files.append((form, hashed[form.shown].digest))
         elif isinstance(form, listurls.ListURL):
-            data = listurls.read_saved(form)
+            data, hashed[str(form.copy)] = listurls.read_saved(form)
             lists[name] = listfiles.parse_at(f"{form.label()} (saved copy {form.copy})", data)
             labels[name] = f"{name} (url {form.url})"
-            downloaded.append((name, form.url, data))
+            downloaded.append((name, form.url, hashed[str(form.copy)].digest))
         else:
             try:
                 lists[name] = addresses.parse_many(form)
@@ -490,6 +492,7 @@ def _resolve(raw: _Document, doc: located_yaml.Located, path: str,
         "containers.default": doc.line(("containers", "default"))
         or doc.line(("containers",)) or 0,
     }
+    filedigests.remember(hashed)
     return Policy(
         path=path,
         interfaces=interfaces,

@@ -94,8 +94,10 @@ def lab(request: pytest.FixtureRequest, lab_factory: LabFactory) -> Lab:
 
 @pytest.fixture(autouse=True)
 def _discovery_memo_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process tests keep listfiles' discovery memo out of the machine's /run."""
-    from dockfence import listfiles
+    """In-process tests keep listfiles' discovery memo and the memo of file digests out of
+    the machine's /run."""
+    from dockfence import filedigests, listfiles
 
     monkeypatch.setattr(listfiles, "MEMO", tmp_path / "discovered.json")
+    monkeypatch.setattr(filedigests, "MEMO", tmp_path / "digests.json")
     listfiles._discover.cache_clear()

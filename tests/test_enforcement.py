@@ -29,6 +29,7 @@ server on 203.0.113.10:9000 in the client namespace stands in for the internet.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from typing import Any
 
 import pytest
 
+from dockfence import filedigests
 from dockfence.backends.nftables import REVOKED_MARK
 from dockfence.lab import (
     CLIENT2_V4,
@@ -1445,4 +1447,62 @@ def test_list_from_a_file_and_a_table_edited_by_hand(env: Env) -> None:
     assert dockfence_table(lab) == table
     plan = json.loads(dockfence(lab, "plan", "--json", "--policy", str(path)).stdout)
     assert plan["unchanged"] is True
+    env.applied = None  # not "main": the next test re-applies it
+
+
+DIGESTS_MEMO = filedigests.MEMO  # the lab's dockfence writes the real one (conftest moves it)
+
+
+def remembered(path: Path) -> bool:
+    """Does the memo of file digests vouch for this file as it is now?"""
+    try:
+        entry = json.loads(DIGESTS_MEMO.read_text())["files"][str(path)]
+        h = filedigests.Hashed(*entry)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return h.vouches_for(path.stat())
+
+
+def table_stamp(lab: Lab) -> str:
+    found = re.search(r'comment "(dockfence/[^"]*)"', dockfence_table(lab))
+    assert found, dockfence_table(lab)
+    return found[1]
+
+
+def test_a_list_file_edited_after_its_digest_was_remembered(env: Env) -> None:
+    """A no-op apply trusts a list file's remembered digest only while stat vouches for it
+    (dockfence.filedigests): an edit of the same size that puts the old mtime back is applied
+    (packets). A comment added to the policy makes other bytes of the same rules: "No changes"
+    and a new stamp on the table (as after an upgrade that changes how digests are made)."""
+    lab = env.lab
+    (lab.base / "lists").mkdir(exist_ok=True)
+    office = lab.base / "lists" / "office-memo.txt"
+    office.write_text("203.0.113.0/28\n2001:db8:1::/64\n")
+    path = lab.base / "main-memo.yaml"
+    path.write_text(POLICIES["main"].replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
+                                             "office: {file: lists/office-memo.txt}"))
+    env.applied = None
+    proc = dockfence(lab, "apply", "--policy", str(path))
+    assert proc.returncode == 0, proc.stderr
+    # the file was too fresh to be trusted when first hashed: no-op applies until it is settled
+    deadline = time.monotonic() + 60
+    while not remembered(office):
+        assert time.monotonic() < deadline, "the digest of the list file was never remembered"
+        assert "No changes" in dockfence(lab, "apply", "--policy", str(path)).stdout
+    expect(env, {"django_v4_stranger": False, "django_v4_office": True})
+    st = office.stat()
+    office.write_text("203.0.113.0/25\n2001:db8:1::/64\n")  # the stranger's /25, same size
+    os.utime(office, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (office.stat().st_size, office.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    proc = dockfence(lab, "apply", "--policy", str(path))
+    assert proc.returncode == 0 and "No changes" not in proc.stdout, (proc.stdout, proc.stderr)
+    expect(env, {"django_v4_stranger": True, "django_v4_office": True})
+
+    before = dockfence_table(lab)
+    stamp = table_stamp(lab)
+    path.write_text(path.read_text() + "# the same rules\n")
+    proc = dockfence(lab, "apply", "--policy", str(path))
+    assert proc.returncode == 0 and "No changes" in proc.stdout, (proc.stdout, proc.stderr)
+    assert table_stamp(lab) != stamp
+    assert dockfence_table(lab) == before.replace(stamp, table_stamp(lab))
     env.applied = None  # not "main": the next test re-applies it
