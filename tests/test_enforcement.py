@@ -1316,6 +1316,19 @@ def wait_probes(lab: Lab, probes: list[tuple[Any, ...]], want: list[bool],
     return got
 
 
+def public_postgres(env: Env) -> tuple[Path, tuple[Any, ...], tuple[Any, ...]]:
+    """Postgres open to anyone (`from: any`), applied, with its baseline: the office and the
+    stranger both get in. Returns the policy's path and the two probes."""
+    public = env.lab.base / "public.yaml"
+    public.write_text(policy_text(backend_from="any"))
+    stranger = env.probes["postgres_v4_stranger"].spec()
+    office = env.probes["postgres_v4_office"].spec()
+    env.applied = None
+    assert dockfence(env.lab, "apply", "--policy", str(public)).returncode == 0
+    assert wait_probes(env.lab, [office, stranger], [True, True]) == [True, True], "baseline"
+    return public, office, stranger
+
+
 @pytest.mark.skipif(subprocess.run(["which", "fail2ban-server"], capture_output=True)
                     .returncode != 0, reason="needs Debian's fail2ban (scripts/bootstrap.sh)")
 def test_fail2ban_bans_through_dockfence_on_a_public_port(env: Env) -> None:
@@ -1324,13 +1337,7 @@ def test_fail2ban_bans_through_dockfence_on_a_public_port(env: Env) -> None:
     established connection is cut, the ban survives a re-apply, and fail2ban's unban lets it
     back in. The office is never affected."""
     lab = env.lab
-    public = lab.base / "public.yaml"
-    public.write_text(policy_text(backend_from="any"))
-    stranger = env.probes["postgres_v4_stranger"].spec()
-    office = env.probes["postgres_v4_office"].spec()
-    env.applied = None
-    assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
-    assert wait_probes(lab, [office, stranger], [True, True]) == [True, True], "baseline"
+    public, office, stranger = public_postgres(env)
     proc, d = start_fail2ban(lab)
     try:
         with lab.connect(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, 5432) as conn:
@@ -1369,14 +1376,8 @@ def test_overlapping_bans_hold_through_re_apply_and_partial_unban(env: Env) -> N
     elements; a re-apply carries them over; lifting the network keeps the host out; lifting
     the host lets it back in. The office, outside both, is never affected."""
     lab = env.lab
-    public = lab.base / "public.yaml"
-    public.write_text(policy_text(backend_from="any"))
-    stranger = env.probes["postgres_v4_stranger"].spec()
-    office = env.probes["postgres_v4_office"].spec()
-    env.applied = None
     try:
-        assert dockfence(lab, "apply", "--policy", str(public)).returncode == 0
-        assert wait_probes(lab, [office, stranger], [True, True]) == [True, True], "baseline"
+        public, office, stranger = public_postgres(env)
         for target, how_long in (("203.0.113.96/28", "1h"), (CLIENT_V4_ALT, "forever")):
             banned = dockfence(lab, "ban", target, "--for", how_long)
             assert banned.returncode == 0, banned
