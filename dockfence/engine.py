@@ -130,11 +130,12 @@ class RolledBack(OperationalError):
     """The new rules were not confirmed in time; the previous ones are back."""
 
 
-def _unchanged_by_stamp(policy_path: str) -> tuple[Plan | None, Inventory | None]:
+def _unchanged_by_stamp(policy_path: str, text: str | None = None,
+                        ) -> tuple[Plan | None, Inventory | None]:
     """The no-op answer in constant time: the digests of the policy's files and of Docker's
     inventory equal the live table's stamp, and the last apply recorded its warnings. Nothing
     is parsed, compiled, rendered or read back. (None, inventory) when that cannot be told."""
-    digest = listfiles.inputs_digest(policy_path)
+    digest = listfiles.inputs_digest(policy_path, text)
     if digest is None:
         return None, None
     inv = discovery.inventory()
@@ -165,12 +166,13 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         # so an unchanged download is still a no-op. A failed one keeps its last good copy.
         from . import listurls
 
-        fetched = listurls.refresh_lists(policy_path)
+        text = listfiles.read_text(policy_path)  # read once: a big inline list is megabytes
+        fetched = listurls.refresh_lists(policy_path, text=text)
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
         saved = state.Record()  # what `restore` loads at the next boot
         if not full and not rebuild and saved.exists():
-            quick, inv = _unchanged_by_stamp(policy_path)
+            quick, inv = _unchanged_by_stamp(policy_path, text)
             # Over SSH, rules that would deny the session's next login are refused even when
             # they are already in force: checked on the recorded rules (the same, by stamp).
             if quick is not None and not (ssh and _locks_out(quick.stamp, quick.inventory, ssh)):

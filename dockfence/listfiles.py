@@ -150,13 +150,21 @@ def _parse_lists(text: str) -> list[tuple[str, str, Any]] | None:
     return found
 
 
-def inputs_digest(policy_path: str) -> str | None:
-    """policy_digest() of the policy as it is on disk now, or None when only a full load can
-    tell (unreadable, odd YAML): cheap, nothing is validated, and a list file or saved copy is
-    read and hashed only when the memo of digests cannot vouch for it (filedigests)."""
+def read_text(policy_path: str) -> str | None:
+    """The policy's text, None when it cannot be read as UTF-8 (the full load says why)."""
     try:
-        text = Path(policy_path).read_text(encoding="utf-8")
+        return Path(policy_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
+        return None
+
+
+def inputs_digest(policy_path: str, text: str | None = None) -> str | None:
+    """policy_digest() of the policy as it is on disk now (`text`: as the caller just read
+    it), or None when only a full load can tell (unreadable, odd YAML): cheap, nothing is
+    validated, and a list file or saved copy is read and hashed only when the memo of digests
+    cannot vouch for it (filedigests)."""
+    text = read_text(policy_path) if text is None else text
+    if text is None:
         return None
     found = discover(text, policy_path)
     if found is None:

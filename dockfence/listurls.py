@@ -239,12 +239,13 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
     return None
 
 
-def refresh_lists(policy_path: str, force: bool = False) -> list[str]:
+def refresh_lists(policy_path: str, force: bool = False, text: str | None = None
+                  ) -> list[str]:
     """Download the policy's lists whose copy is older than their `refresh` (all with force);
     warnings for those that keep their last good copy. A policy that cannot be read or names
-    no URL lists costs a read of its text."""
+    no URL lists costs a read of its text (none when the caller read it: `text`)."""
     warnings = []
-    for lu in of_policy(policy_path):
+    for lu in of_policy(policy_path, text):
         if force or due(lu):
             warning = refresh(lu)
             if warning:
@@ -258,14 +259,13 @@ def refresh_due(policy_path: str) -> bool:
     return any(due(lu) for lu in of_policy(policy_path))
 
 
-def of_policy(policy_path: str) -> list[ListURL]:
+def of_policy(policy_path: str, text: str | None = None) -> list[ListURL]:
     """The valid URL lists a policy names, found without validating the rest of it (the full
     load does that, with its errors): nothing invalid is ever downloaded."""
     from . import listfiles
 
-    try:
-        text = Path(policy_path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    text = listfiles.read_text(policy_path) if text is None else text
+    if text is None:
         return []
     found = listfiles.discover(text, policy_path)
     out = []
