@@ -92,6 +92,31 @@ def lab(request: pytest.FixtureRequest, lab_factory: LabFactory) -> Lab:
     return lab_factory(request.param)
 
 
+def _own_table() -> int | None:
+    """The handle of a dockfence table in the network namespace pytest runs in (the machine's
+    own, as CI runs it), read over netlink: never changed, only looked at."""
+    from dockfence.backends import netlink
+    from dockfence.errors import OperationalError
+
+    try:
+        return netlink.table_handle("dockfence")
+    except (OSError, OperationalError):  # not root: nothing can have been loaded either
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _machine_firewall_untouched() -> Iterator[None]:
+    """No test may load dockfence's table into the machine's own network namespace: tests act
+    only inside namespaces they create. A test that did fails here, by name (the table is left
+    for a person to look at and remove: a test never writes to that firewall, even to clean)."""
+    before = _own_table()
+    yield
+    after = _own_table()
+    assert after is None or after == before, (
+        "this test loaded `table inet dockfence` into the machine's own network namespace "
+        "(remove it with `nft delete table inet dockfence`)")
+
+
 @pytest.fixture(autouse=True)
 def _discovery_memo_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process tests keep listfiles' discovery memo and the memo of file digests out of

@@ -231,9 +231,12 @@ HEAVY = {"msgspec", "yaml", "rich", "http.client", "ssl",
 
 def _modules_after(code: str, tmp_path: Path) -> set[str]:
     """The modules a fresh interpreter holds after running `code`. Without `site` (-S; its
-    packages on PYTHONPATH instead): a .pth file of the machine must not load modules for us."""
+    packages on PYTHONPATH instead): a .pth file of the machine must not load modules for us.
+    As root, in a network namespace of its own: code that reaches the engine must never touch
+    the machine's own firewall, even when it goes a way the test did not expect."""
     packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    proc = subprocess.run([sys.executable, "-S", "-c",
+    isolated = ["unshare", "--net", "--"] if os.geteuid() == 0 else []
+    proc = subprocess.run([*isolated, sys.executable, "-S", "-c",
                            code + "\nimport sys\nprint(*sys.modules)"],
                           capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={"PATH": "/usr/bin:/bin", "DOCKFENCE_STATE_DIR": str(tmp_path),
@@ -273,6 +276,9 @@ engine.state.Record.exists = lambda self: True
 engine.discovery.inventory = Inventory
 engine.nft.live_stamp = lambda: stamp
 engine.record.warnings = lambda st: [] if st == stamp else None
+def never(*args, **kwargs):
+    raise AssertionError("the no-op path loaded a table")
+engine.load_later = never
 plan, cut = engine.apply(path)
 assert plan.unchanged and plan.policy is None and cut == 0, plan
 with contextlib.redirect_stdout(io.StringIO()) as out:
