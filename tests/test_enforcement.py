@@ -1412,21 +1412,29 @@ def test_ban_refuses_own_ssh_session_without_force(env: Env) -> None:
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
 
 
+def office_from_file(env: Env, name: str, text: str) -> tuple[Path, Path]:
+    """The main policy with `office` read from list file `name` (holding `text`), applied.
+    Returns the list file and the policy."""
+    lists = env.lab.base / "lists"
+    lists.mkdir(exist_ok=True)
+    (lists / name).write_text(text)
+    path = env.lab.base / f"main-{name}.yaml"
+    path.write_text(POLICIES["main"].replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
+                                             f"office: {{file: lists/{name}}}"))
+    env.applied = None
+    proc = dockfence(env.lab, "apply", "--policy", str(path))
+    assert proc.returncode == 0, proc.stderr
+    return lists / name, path
+
+
 def test_list_from_a_file_and_a_table_edited_by_hand(env: Env) -> None:
     """`office` read from a list file enforces what the inline list did (packets) and status
     names the file. Then a hand edit lets the stranger in: plan sees it (it reads the whole
     table), and `apply --full` rewrites the table (apply alone trusts the table's stamp)."""
     lab = env.lab
     ensure(env)
-    (lab.base / "lists").mkdir(exist_ok=True)
-    (lab.base / "lists" / "office.txt").write_text(
-        "# the office\n203.0.113.0/28\n\n2001:db8:1::/64   # its IPv6 prefix\n")
-    path = lab.base / "main-file.yaml"
-    path.write_text(POLICIES["main"].replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
-                                             "office: {file: lists/office.txt}"))
-    env.applied = None
-    proc = dockfence(lab, "apply", "--policy", str(path))
-    assert proc.returncode == 0, proc.stderr
+    _, path = office_from_file(
+        env, "office.txt", "# the office\n203.0.113.0/28\n\n2001:db8:1::/64   # its IPv6 prefix\n")
     expect(env, MAIN_EXPECT)
     st = json.loads(dockfence(lab, "status", "--json").stdout)
     shown = f"office (file {lab.base / 'lists' / 'office.txt'})"
@@ -1476,15 +1484,7 @@ def test_a_list_file_edited_after_its_digest_was_remembered(env: Env) -> None:
     (packets). A comment added to the policy makes other bytes of the same rules: "No changes"
     and a new stamp on the table (as after an upgrade that changes how digests are made)."""
     lab = env.lab
-    (lab.base / "lists").mkdir(exist_ok=True)
-    office = lab.base / "lists" / "office-memo.txt"
-    office.write_text("203.0.113.0/28\n2001:db8:1::/64\n")
-    path = lab.base / "main-memo.yaml"
-    path.write_text(POLICIES["main"].replace('office: [203.0.113.0/28, "2001:db8:1::/64"]',
-                                             "office: {file: lists/office-memo.txt}"))
-    env.applied = None
-    proc = dockfence(lab, "apply", "--policy", str(path))
-    assert proc.returncode == 0, proc.stderr
+    office, path = office_from_file(env, "office-memo.txt", "203.0.113.0/28\n2001:db8:1::/64\n")
     # the file was too fresh to be trusted when first hashed: no-op applies until it is settled
     deadline = time.monotonic() + 60
     while not remembered(office):
