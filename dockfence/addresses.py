@@ -220,7 +220,7 @@ def contains(version: int, blocks: Sequence[int], address: int) -> bool:
 
 # --- exact set algebra on collapsed blocks (deny lists: `from` minus `except`) ----------------
 
-def _intervals(version: int, blocks: Sequence[int]) -> list[tuple[int, int]]:
+def intervals(version: int, blocks: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted, disjoint blocks as merged half-open [start, end) intervals."""
     bits = BITS[version]
     out: list[tuple[int, int]] = []
@@ -241,7 +241,7 @@ def _blocks(version: int, intervals: Iterable[tuple[int, int]]) -> tuple[int, ..
 
 def intersect(version: int, a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     """The addresses in both collapsed block lists, as collapsed blocks."""
-    x, y = _intervals(version, a), _intervals(version, b)
+    x, y = intervals(version, a), intervals(version, b)
     out, i, j = [], 0, 0
     while i < len(x) and j < len(y):
         lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
@@ -258,9 +258,9 @@ def subtract(version: int, a: Sequence[int], b: Sequence[int]) -> tuple[int, ...
     """The addresses in `a` but not in `b` (both collapsed), as collapsed blocks."""
     if not a or not b:
         return tuple(a)
-    y = _intervals(version, b)
+    y = intervals(version, b)
     out, j = [], 0
-    for start, end in _intervals(version, a):
+    for start, end in intervals(version, a):
         cur = start
         while j < len(y) and y[j][1] <= cur:
             j += 1

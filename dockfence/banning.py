@@ -63,12 +63,13 @@ def ban_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bans.Ban |
 def current_bans() -> list[dict[str, object]]:
     """Bans in force: the record, with what the kernel says is left of each."""
     live = nft.live_bans()
+    kernel = None if live is None else bans.held(live)
     now = time.time()
     out: list[dict[str, object]] = []
     for b in bans.load():
         out.append({"network": b.network, "reason": b.reason,
                     "expires_in": b.remaining(now),
-                    "in_kernel": live is not None and bans.covered(b.network, live)})
+                    "in_kernel": kernel is not None and bans.covered(b.network, kernel)})
     return out
 
 

@@ -8,6 +8,7 @@ and reboots (`dockfence restore`). Parsing and bookkeeping here are pure; `ban`,
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import ipaddress
 import itertools
@@ -156,16 +157,30 @@ def pieces(bans: Iterable[Ban], now: float) -> dict[int, list[tuple[int, int | N
     return out
 
 
-def covered(network: str, live: Iterable[str]) -> bool:
-    """Is every address of `network` in the kernel's ban set elements `live` (as listed)?"""
-    net = ipaddress.ip_network(network)
-    blocks = []
+Held = dict[int, tuple[list[int], list[tuple[int, int]]]]
+
+
+def held(live: Iterable[str]) -> Held:
+    """The kernel's ban set elements as listed, by IP version: merged [start, end) intervals
+    and their starts (for covered()). Parsed once, however many bans are checked."""
+    blocks: dict[int, list[int]] = {4: [], 6: []}
     for text in live:
         try:
             version, block = addresses.parse(text)
         except ValueError:
             continue
-        if version == net.version:
-            blocks.append(block)
-    mine = (addresses.of_network(net),)
-    return not addresses.subtract(net.version, mine, addresses.collapse(net.version, blocks))
+        blocks[version].append(block)
+    out: Held = {}
+    for version, found in blocks.items():
+        merged = addresses.intervals(version, addresses.collapse(version, found)) if found else []
+        out[version] = ([start for start, _ in merged], merged)
+    return out
+
+
+def covered(network: str, live: Held) -> bool:
+    """Is every address of `network` in the kernel's ban sets (held())?"""
+    net = ipaddress.ip_network(network)
+    start = int(net.network_address)
+    starts, merged = live[net.version]
+    i = bisect.bisect_right(starts, start) - 1
+    return i >= 0 and merged[i][1] >= start + net.num_addresses

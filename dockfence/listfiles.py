@@ -169,6 +169,8 @@ def inputs_digest(policy_path: str, text: str | None = None) -> str | None:
     found = discover(text, policy_path)
     if found is None:
         return None
+    if not found:  # no list file, no download: no memo to read
+        return policy_digest(policy_path, text, [])
     memo = filedigests.Memo()
     lists, downloaded = [], []
     try:

@@ -80,10 +80,10 @@ def test_overlapping_bans_become_disjoint_pieces_with_the_longest_time() -> None
     assert _shown(held)[4] == [("255.255.255.254", None)]
 
 
-Held = dict[int, list[tuple[int, int | None]]]
+Pieces = dict[int, list[tuple[int, int | None]]]
 
 
-def _shown(held: Held) -> dict[int, list[tuple[str, int | None]]]:
+def _shown(held: Pieces) -> dict[int, list[tuple[str, int | None]]]:
     return {v: [(addresses.show(v, b), left) for b, left in items] for v, items in held.items()}
 
 
@@ -136,11 +136,13 @@ def test_bans_are_written_into_the_table_they_are_loaded_with() -> None:
 
 
 def test_covered_tells_whether_the_kernel_holds_a_whole_ban() -> None:
-    live = ["203.0.113.96/30", "203.0.113.100", "203.0.113.101", "203.0.113.102/31",
-            "203.0.113.104/29", "2001:db8:9::/64"]
+    live = bans.held(["203.0.113.96/30", "203.0.113.100", "203.0.113.101", "203.0.113.102/31",
+                      "203.0.113.104/29", "2001:db8:9::/64"])
     assert bans.covered("203.0.113.96/28", live) and bans.covered("203.0.113.100", live)
     assert not bans.covered("203.0.113.96/27", live)
     assert bans.covered("2001:db8:9::5", live) and not bans.covered("2001:db8:8::5", live)
+    assert not bans.covered("203.0.113.95", live) and not bans.covered("203.0.113.112", live)
+    assert not bans.covered("198.51.100.1", bans.held([]))
 
 
 def test_every_gate_that_admits_anyone_refuses_bans_first() -> None:
