@@ -107,20 +107,25 @@ def _meta(lu: ListURL) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("url") == lu.url else None
 
 
+def _described(lu: ListURL) -> dict[str, Any] | None:
+    """The description of this URL's last good copy, None when there is none (never fetched,
+    another URL)."""
+    meta = _meta(lu)
+    return None if meta is None or not isinstance(meta.get("fetched"), int | float) else meta
+
+
 def good_copy(lu: ListURL) -> Path | None:
     """Where the last good copy of this URL's list is, by its description (the bytes are not
     checked: for the stamp's digest, which any change to them changes anyway, and a full load
     then verifies), or None (never fetched, another URL)."""
-    meta = _meta(lu)
-    return None if meta is None or not isinstance(meta.get("fetched"), int | float) \
-        else lu.copy
+    return None if _described(lu) is None else lu.copy
 
 
 def saved_read(lu: ListURL) -> tuple[bytes, filedigests.Hashed] | None:
     """The last good copy of this URL's list and its digest, or None (never fetched, another
     URL, damaged: not the bytes its description records)."""
-    meta = _meta(lu)
-    if meta is None or not isinstance(meta.get("fetched"), int | float):
+    meta = _described(lu)
+    if meta is None:
         return None
     try:
         data, hashed = filedigests.read(lu.copy)
