@@ -16,10 +16,19 @@ Keys are always their text (`1:` is the key "1", `yes:` the key "yes"): a key is
 YAML 1.1 number or boolean. Plain values are null, booleans, integers, floats or strings as in
 YAML 1.1, except that sexagesimal numbers (`22:30`, YAML 1.1 makes that 1350) and timestamps stay
 strings, so a port or an address is never silently turned into something else.
+
+Long inline lists are one address per line, and libyaml's events cost ~2.5 µs per line. A run of
+such lines (same indentation, each `- address` with nothing YAML could read otherwise) is read
+with one regular expression instead, and libyaml parses the text with each run cut to a single
+line naming it. Only where that line comes back as a plain item of a list are the run's
+addresses taken; anywhere else (inside a block scalar, a quoted string, as a key), and on any
+error, the whole original text is parsed the slow way, so the result is always libyaml's own.
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +48,15 @@ _TAG = "tag:yaml.org,2002:"
 _NOT_PRINTABLE = "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 _NOT_PRINTABLE_ASCII = re.compile("[^\x09\x0a\x0d\x20-\x7e]")
 _BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # libyaml's line breaks
+# A list item that is an address and nothing else in YAML: quoted, or a plain scalar that
+# _scalar() keeps a string (a `:` or `/`, or two dots) and that does not end in `:` (a key).
+_ADDRESS_ITEM = (r"""- +(?:"[0-9A-Fa-f:./]++"|'[0-9A-Fa-f:./]++'|"""
+                 r"(?=[0-9A-Fa-f.]*+[:/]|[0-9A-Fa-f]*+\.[0-9A-Fa-f]*+\.)"
+                 r"[0-9A-Fa-f][0-9A-Fa-f:./]*+(?<!:))(?:[ \t]++#[^\n]*+)?[ \t]*+\n")
+MIN_RUN = 64  # shorter runs are not worth cutting out
+# possessive and atomic: nothing to backtrack into, ~0.2 µs a line
+_RUN = re.compile(rf"^( *){_ADDRESS_ITEM}(?>\1{_ADDRESS_ITEM})+", re.M)
+_RUN_VALUE = re.compile(r"^ *- +[\"']?([0-9A-Fa-f:./]+)", re.M)
 
 
 class YAMLError(ValueError):
@@ -49,11 +67,12 @@ class YAMLError(ValueError):
 
 @dataclass(slots=True)
 class Lines:
-    """The 1-based line of a node, and of its children (by key or by index)."""
+    """The 1-based line of a mapping or list, and of its children (by key or by index): a
+    scalar child is its line alone (an inline list of 100,000 builds no object per item)."""
 
     line: int
-    keys: dict[str, Lines] | None = None
-    items: list[Lines] | None = None
+    keys: dict[str, Lines | int] | None = None
+    items: list[Lines | int] | None = None
 
 
 @dataclass
@@ -66,15 +85,18 @@ class Located:
     def line(self, loc: tuple[str | int, ...]) -> int | None:
         """The line of the deepest node on the path `loc` that exists (None: not even the
         first part does)."""
-        node, line = self.lines, None
+        node: Lines | int = self.lines
+        line = None
         for part in loc:
+            if isinstance(node, int):  # a scalar has no children
+                break
             if isinstance(part, int) and node.items is not None and 0 <= part < len(node.items):
                 node = node.items[part]
             elif node.keys is not None and str(part) in node.keys:
                 node = node.keys[str(part)]
             else:
                 break
-            line = node.line
+            line = node if isinstance(node, int) else node.line
         return line
 
     def value(self, loc: tuple[str | int, ...]) -> object:
@@ -111,9 +133,18 @@ def load(source: str | bytes) -> Located:
         char = bad.group()
         raise YAMLError(line_at(text, bad.start()),
                         f"control character U+{ord(char):04X} is not allowed in YAML", char)
+    if (cut := _Cut.of(text)) is not None:
+        try:
+            return _parse(cut.text, cut)
+        except (YAMLError, _Uncut):  # errors and odd places are for libyaml's own reading
+            pass
+    return _parse(text, None)
+
+
+def _parse(text: str, cut: _Cut | None) -> Located:
     parser = _Parser(text)
     try:
-        return _build(parser)
+        return _build(parser, cut)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # libyaml may point one line past the end of a file that ends inside a quoted scalar
@@ -130,6 +161,67 @@ def load(source: str | bytes) -> Located:
         parser.dispose()
 
 
+class _Uncut(Exception):
+    """A cut-out run's line did not come back as a list item: parse the original text."""
+
+
+class _Cut:
+    """The text with every long run of address items replaced by one line naming the run."""
+
+    __slots__ = ("first", "names", "nonce", "placed", "shift", "text", "values")
+
+    def __init__(self, text: str, nonce: str, names: dict[str, int], first: list[int],
+                 values: list[list[str]], placed: list[int]) -> None:
+        self.text, self.nonce, self.names = text, nonce, names
+        self.first, self.values = first, values
+        self.placed = placed  # the line of each run's stand-in, in the cut text
+        # lines of the original text below stand-ins: shift[k] more than in the cut text
+        self.shift = [0]
+        for run in values:
+            self.shift.append(self.shift[-1] + len(run) - 1)
+
+    @classmethod
+    def of(cls, text: str) -> _Cut | None:
+        if not text.isascii() or "\r" in text:  # line breaks are "\n" alone
+            return None
+        runs = [m for m in _RUN.finditer(text)
+                if text.count("\n", m.start(), m.end()) >= MIN_RUN]
+        if not runs:
+            return None
+        nonce = "dockfence" + os.urandom(8).hex()
+        if nonce in text:
+            return None
+        pieces, names, first, values, placed = [], {}, [], [], []
+        line = cut_line = 1
+        at = 0
+        for i, m in enumerate(runs):
+            gap = text.count("\n", at, m.start())
+            line, cut_line = line + gap, cut_line + gap
+            run = _RUN_VALUE.findall(text, m.start(), m.end())
+            name = f"{nonce}r{i}"
+            pieces += [text[at:m.start()], f"{m[1]}- {name}\n"]
+            names[name] = i
+            first.append(line)
+            values.append(run)
+            placed.append(cut_line)
+            line += len(run)
+            cut_line += 1
+            at = m.end()
+        pieces.append(text[at:])
+        return cls("".join(pieces), nonce, names, first, values, placed)
+
+    def line(self, cut_line: int) -> int:
+        """The original line of a line of the cut text."""
+        return cut_line + self.shift[bisect.bisect_left(self.placed, cut_line)]
+
+    def run(self, event: Any, top: _Open | None) -> tuple[int, list[str]]:
+        """The first line and addresses of the run a scalar names, if it is a list item."""
+        i = self.names.get(event.value)
+        if i is None or event.style != "" or top is None or top.is_map:
+            raise _Uncut
+        return self.first[i], self.values[i]
+
+
 class _Open:
     """A mapping or sequence being built, on the explicit stack."""
 
@@ -141,26 +233,37 @@ class _Open:
         self.key_line = 0
 
 
-def _build(parser: Any) -> Located:
+def _build(parser: Any, cut: _Cut | None = None) -> Located:
     """One pass over the events with an explicit stack: linear time, no recursion."""
     stack: list[_Open] = []
     top: _Open | None = None
     root: tuple[Any, Lines] | None = None
+    lines: Lines | int
     documents = nodes = 0
     value: Any
     while (event := parser.get_event()) is not None:
         kind = type(event)
         line = event.start_mark.line + 1
+        if cut is not None:
+            line = cut.line(line)
         nodes += 1
         if nodes > MAX_NODES:
             raise YAMLError(line, f"more than {MAX_NODES:,} keys, values and list items: keep "
                             "long address lists in list files")
         if kind is yaml.ScalarEvent:
             _plain(event, line)
+            if cut is not None and cut.nonce in event.value:
+                first, run = cut.run(event, top)
+                nodes += len(run) - 1
+                if nodes > MAX_NODES:
+                    raise _Uncut  # libyaml's reading names the line
+                top.data.extend(run)  # type: ignore[union-attr]
+                top.lines.items.extend(range(first, first + len(run)))  # type: ignore
+                continue
             if top is not None and top.is_map and top.key is None:
                 _take_key(top, event, line)
                 continue
-            value, lines = _scalar(event, line), Lines(line)
+            value, lines = _scalar(event, line), line
         elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
             assert top is not None
             value, lines = top.data, top.lines
@@ -189,11 +292,15 @@ def _build(parser: Any) -> Located:
         else:  # stream start and end, document end
             continue
         if top is None:
-            root = (value, lines)
+            root = (value, Lines(lines) if isinstance(lines, int) else lines)
         elif top.is_map:
             key = top.key
             assert key is not None
-            lines.line = top.key_line  # a key's line is where errors point
+            # a key's line is where errors point
+            if isinstance(lines, int):
+                lines = top.key_line
+            else:
+                lines.line = top.key_line
             top.data[key] = value  # type: ignore[call-overload]
             top.lines.keys[key] = lines  # type: ignore[index]
             top.key = None
