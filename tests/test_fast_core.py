@@ -18,7 +18,7 @@ import pytest
 from dockfence import addresses, dockerapi, listfiles, policy, record
 from dockfence.compile import compile_policy
 from dockfence.errors import PolicyError
-from dockfence.model import Binding, Container, Inventory, Sources
+from dockfence.model import Binding, Container, Inventory, Ruleset, Sources
 from dockfence.plan import diff
 from dockfence.stamp import Stamp, inventory_digest
 
@@ -137,35 +137,37 @@ def test_inventory_digest_ignores_what_the_rules_do_not_depend_on() -> None:
         != inventory_digest(inv)
 
 
-def test_record_round_trips_and_answers_only_for_its_stamp(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+RECORDED = Stamp("a" * 32, "b" * 32)
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ruleset:
+    """The example policy's ruleset, recorded under RECORDED in tmp_path."""
     monkeypatch.setattr(record, "DIRECTORY", tmp_path)
     rs = compile_policy(policy.parse(POLICY, "p.yaml"), inventory())
-    st = Stamp("a" * 32, "b" * 32)
-    record.save(st, rs)
-    back = record.ruleset(st)
-    assert back == rs and back.warnings == rs.warnings
+    record.save(RECORDED, rs)
+    return rs
+
+
+def test_record_round_trips_and_answers_only_for_its_stamp(recorded: Ruleset) -> None:
+    back = record.ruleset(RECORDED)
+    assert back == recorded and back.warnings == recorded.warnings
     assert [g.sources.names for g in back.container_gates] == \
-        [g.sources.names for g in rs.container_gates]
-    assert record.warnings(st) == list(rs.warnings)
+        [g.sources.names for g in recorded.container_gates]
+    assert record.warnings(RECORDED) == list(recorded.warnings)
     assert record.ruleset(Stamp("c" * 32, "b" * 32)) is None
     record.forget()
-    assert record.warnings(st) is None
+    assert record.warnings(RECORDED) is None
 
 
-def test_a_record_with_a_torn_block_is_unknown(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(record, "DIRECTORY", tmp_path)
-    rs = compile_policy(policy.parse(POLICY, "p.yaml"), inventory())
-    st = Stamp("a" * 32, "b" * 32)
-    record.save(st, rs)
+def test_a_record_with_a_torn_block_is_unknown(recorded: Ruleset, tmp_path: Path) -> None:
     path = next(tmp_path.iterdir())
     head, body = path.read_text().splitlines()
     doc = json.loads(body)
     listed = next(s for s in doc["sources"] if s["v4"])
     listed["v4"] = listed["v4"][:-2]  # one byte short of whole blocks
     path.write_text(head + "\n" + json.dumps(doc) + "\n")
-    assert record.ruleset(st) is None  # the caller reads the kernel instead
+    assert record.ruleset(RECORDED) is None  # the caller reads the kernel instead
 
 
 def test_diff_of_big_lists_names_only_the_differences() -> None:
