@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,23 @@ def test_every_gate_that_admits_anyone_refuses_bans_first() -> None:
         assert body[3] == 'ip6 saddr @bans_v6 drop comment "banned"', chain
     allow_default = nft.render(ruleset("interfaces_allow_default"))
     assert 'ct status dnat ip saddr @bans_v4 drop comment "banned"' in allow_default
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(26, 32),
+                          st.sampled_from([None, 1, 2])), max_size=12))
+def test_disjoint_bans_skip_the_sweep_with_the_same_pieces(
+        raw: list[tuple[int, int, int | None]]) -> None:
+    """pieces() leaves out the sweep when no two bans overlap: what it does instead must give
+    what the sweep gives (touching neighbours that expire together joined, the rest apart)."""
+    items: list[tuple[int, int, float]] = []
+    for host, plen, minutes in raw:
+        net = ipaddress.ip_network(f"203.0.113.{host}/{plen}", strict=False)
+        start = int(net.network_address)
+        items.append((start, start + net.num_addresses,
+                      math.inf if minutes is None else 60.0 * minutes))
+    disjoint: list[tuple[int, int, float]] = []
+    for span in sorted(items):
+        if not disjoint or span[0] >= disjoint[-1][1]:
+            disjoint.append(span)
+    assert bans._joined(disjoint) == bans._swept(disjoint)
