@@ -308,8 +308,9 @@ class Watching:
         return bool(wait_for(lambda: text in self.log()[after:], 60))
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
 
 
 def _handle(site: Site) -> int:
@@ -387,6 +388,7 @@ containers:
     - {container: web, port: 8080, from: office}
     - {container: late, port: 8080, from: office}
 """
+BRANCH = '  branch: {url: "http://198.51.100.7:8000/good", refresh: 1h}\n'  # the office's
 LATE = 8085
 
 
@@ -400,7 +402,8 @@ def _late(site: Site) -> list[bool]:
 def test_a_slow_download_does_not_hold_up_dockers_events(site: Site) -> None:
     """watch downloads in a thread of its own: while a download is held open by the server, a
     container started meanwhile is gated at once (by the list watch has); once the download
-    completes, the new list is enforced. The stranger refused here gets in without dockfence."""
+    completes, the new list is enforced; SIGTERM during a download stops watch at once. The
+    stranger refused here gets in without dockfence."""
     lab = site.lab
     policy = lab.base / "held.yaml"
     policy.write_text(HELD_POLICY)
@@ -428,6 +431,21 @@ def test_a_slow_download_does_not_hold_up_dockers_events(site: Site) -> None:
             watch.log()
         swapped = [False, True, False, True]  # the list now names the strangers
         assert wait_for(lambda: _late(site) == swapped, 20), (_late(site), watch.log())
+
+        # a policy edit naming a list with no copy yet: applied once the thread downloaded it
+        policy.write_text(HELD_POLICY.replace("containers:", BRANCH + "containers:").replace(
+            "{container: late, port: 8080, from: office}",
+            "{container: late, port: 8080, from: branch}"))
+        assert wait_for(lambda: _late(site) == in_out, 30), (_late(site), watch.log())
+        assert "the current rules stay until it is downloaded" in watch.log(), watch.log()
+
+        # SIGTERM while a download is held open: watch stops at once, the rules stay
+        site.serve("held")
+        watch.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: site.ask("held-state") == "holding", 30), watch.log()
+        watch.proc.send_signal(signal.SIGTERM)
+        assert watch.proc.wait(10) == 0, watch.log()  # the server holds on for 45 s
+        assert _late(site) == in_out
     finally:
         site.ask("release")  # the server's handler ends now, whatever happened
         watch.stop()
