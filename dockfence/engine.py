@@ -149,8 +149,8 @@ def _unchanged_by_stamp(policy_path: str, text: str | None = None,
 
 
 def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
-          full: bool = False, lock_wait: float = 0.0, rebuild: bool = False
-          ) -> tuple[Plan, int]:
+          full: bool = False, lock_wait: float = 0.0, rebuild: bool = False,
+          download: bool = True) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
 
@@ -160,14 +160,17 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
 
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
-    was cut."""
+    was cut.
+
+    Without `download`, downloaded lists are read from their saved copies as they are (watch
+    downloads beside its loop, and never under this lock)."""
     with host_lock(lock_wait):
         # Downloaded lists due for a refresh first: the digest below covers their saved copies,
         # so an unchanged download is still a no-op. A failed one keeps its last good copy.
         from . import listurls
 
         text = listfiles.read_text(policy_path)  # read once: a big inline list is megabytes
-        fetched = listurls.refresh_lists(policy_path, text=text)
+        fetched = listurls.refresh_lists(policy_path, text=text) if download else []
         ssh = None if force else os.environ.get("SSH_CONNECTION")
         inv = None
         saved = state.Record()  # what `restore` loads at the next boot

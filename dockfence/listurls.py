@@ -21,6 +21,8 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ TIMEOUT = 10.0  # seconds per connect or read
 TOTAL = 60.0  # seconds for the whole download
 MAX_BYTES = 64 * 1024 * 1024
 MAX_REDIRECTS = 5
+# Held while a new copy and its description are written (two replacements: a reader in between
+# would find a copy that is not the one described, and refuse it). watch downloads beside its
+# loop and passes the host lock, which every apply holds while it reads the copies.
+Keeping = Callable[[], AbstractContextManager[object]]
 MIN_REFRESH = 60  # seconds: a list is never fetched more often than this
 DEFAULT_REFRESH = 86400
 RETRY = 300  # after a failed download, seconds before refresh_due() says try again
@@ -210,14 +216,15 @@ def _note_failure(lu: ListURL, now: float) -> None:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
-    """Download one list and keep it if it is a good list; a warning when the last good copy
-    stays in force (or there is none)."""
+def refresh(lu: ListURL, now: float | None = None, keeping: Keeping | None = None,
+            **limits: Any) -> str | None:
+    """Download one list and keep it if it is a good list (`keeping` held while it is written);
+    a warning when the last good copy stays in force (or there is none)."""
     from . import listfiles
     from .errors import PolicyError
 
@@ -228,7 +235,8 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
         if not v4 and not v6:  # a truncated or emptied upstream file, not a decision
             raise FetchError("the answer holds no addresses")
     except (FetchError, PolicyError) as exc:
-        with contextlib.suppress(OSError):  # a read-only state directory: the next try tells
+        # a read-only state directory, the host lock not had: the next try tells
+        with contextlib.suppress(OSError, OperationalError), (keeping or contextlib.nullcontext)():
             _note_failure(lu, now)
         meta = _meta(lu)
         kept = "there is no good copy"
@@ -238,21 +246,24 @@ def refresh(lu: ListURL, now: float | None = None, **limits: Any) -> str | None:
         why = str(exc) if isinstance(exc, FetchError) else f"rejected: {exc}"
         return f"{lu.label()}: {why}; {kept}"
     try:
-        save(lu, data, now)
+        with (keeping or contextlib.nullcontext)():
+            save(lu, data, now)
     except OSError as exc:
         return f"{lu.label()}: cannot keep the download in {lu.copy.parent}: {exc.strerror}"
+    except OperationalError as exc:  # `keeping` not had (another dockfence holds the host)
+        return f"{lu.label()}: the download is not kept: {exc}"
     return None
 
 
-def refresh_lists(policy_path: str, force: bool = False, text: str | None = None
-                  ) -> list[str]:
+def refresh_lists(policy_path: str, force: bool = False, text: str | None = None,
+                  keeping: Keeping | None = None) -> list[str]:
     """Download the policy's lists whose copy is older than their `refresh` (all with force);
     warnings for those that keep their last good copy. A policy that cannot be read or names
     no URL lists costs a read of its text (none when the caller read it: `text`)."""
     warnings = []
     for lu in of_policy(policy_path, text):
         if force or due(lu):
-            warning = refresh(lu)
+            warning = refresh(lu, keeping=keeping)
             if warning:
                 warnings.append(warning)
     return warnings

@@ -9,6 +9,10 @@ meanwhile), when the policy file changes, when the table's shape must change, an
 table is no longer the one watch wrote (deleted by `nft flush ruleset`, replaced by someone's
 `apply`). Errors never remove rules: a bad policy edit keeps the last good rules, and while
 Docker is unreachable the rules stay as they are.
+
+Downloaded lists are fetched by a thread of their own (a slow server must not hold up the
+events): the loop decides when a round is due and applies what it brought, so every change to
+the kernel is still made by the loop, one at a time, under the host lock.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ GONE = "table inet dockfence disappeared"
 # per-port counters; once events have been quiet this long, a full apply gives each its own.
 REBUILD_AFTER = 3.0
 LISTS_EVERY = 30.0  # seconds between looks at whether a downloaded list is due
+# how long the downloads thread waits for the host lock to keep a copy (a manual apply holds it
+# while it downloads)
+KEEP_WAIT = 2 * listurls.TOTAL
 JOURNAL_LIMIT = 4 << 20  # bytes of journal before the record is rewritten as one table
 
 
@@ -94,7 +101,15 @@ class _Lost:
     why: str
 
 
-Item = discovery.Event | _Connected | _Lost
+@dataclass(frozen=True)
+class _Downloaded:
+    """A download round is over: its copies are kept (or the last good ones stay)."""
+
+    warnings: tuple[str, ...]
+    error: str | None = None  # the round failed unexpectedly
+
+
+Item = discovery.Event | _Connected | _Lost | _Downloaded
 
 
 def _pump(out: queue.Queue[Item], stop: threading.Event) -> None:
@@ -129,8 +144,12 @@ class Watcher:
         self.record = state.Record()
         self.received = time.monotonic()
         self.rebuild_at: float | None = None  # see REBUILD_AFTER
-        self.lists_checked = time.monotonic()  # see LISTS_EVERY
+        self.lists_checked = float("-inf")  # see LISTS_EVERY
         self.lists_due = False
+        self.rounds: queue.Queue[bool] = queue.Queue()  # to the downloads thread: force?
+        self.downloading = False  # a round is in flight
+        self.fetched = False  # a round is over and what it kept is not applied yet
+        self.after_download = ""  # a full apply that waits for a list's first copy
         self.revocations: queue.Queue[tuple[str, Ruleset, Ruleset, Inventory]] = queue.Queue()
 
     def _mtime(self) -> int | None:
@@ -145,37 +164,45 @@ class Watcher:
         threading.Thread(target=_pump, args=(self.events, self.stop), daemon=True,
                          name="docker-events").start()
         threading.Thread(target=self._revoke, daemon=True, name="revoke").start()
+        threading.Thread(target=self._download, daemon=True, name="downloads").start()
         notify("STATUS=waiting for Docker")
         while not self.stop.is_set():
-            batch = self._next_batch()
-            changed: list[discovery.Event] = []
-            for item in batch:
-                if isinstance(item, _Connected):
-                    self.connected = True
-                    self.pending = "start" if self.guard is None else "Docker is back: full resync"
-                    self._drop_link()
-                elif isinstance(item, _Lost):
-                    if self.connected:
-                        self.report(f"Docker unreachable ({item.why}); the rules stay in "
-                                    "place, resync when it returns")
-                    self.connected = False
-                    self._drop_link()
-                else:
-                    changed.append(item)
-            self._check_policy_and_table()
-            if not self.connected:
-                if self.pending.startswith(GONE):
-                    self._restore_without_docker()
-                continue
-            if self.pending:
-                self._full(self.pending)
-            elif changed:
-                self._incremental(changed)
-            elif self.lists_due or self.reload.is_set():
-                self._refresh_lists()
-            elif self.rebuild_at is not None and time.monotonic() >= self.rebuild_at:
-                self._full("ports added since the last full apply get their own counters",
-                           rebuild=True)
+            self._step(self._next_batch())
+            self._ask_download()
+
+    def _step(self, batch: list[Item]) -> None:
+        changed: list[discovery.Event] = []
+        for item in batch:
+            if isinstance(item, _Connected):
+                self.connected = True
+                self.pending = "start" if self.guard is None else "Docker is back: full resync"
+                self._drop_link()
+            elif isinstance(item, _Lost):
+                if self.connected:
+                    self.report(f"Docker unreachable ({item.why}); the rules stay in "
+                                "place, resync when it returns")
+                self.connected = False
+                self._drop_link()
+            elif isinstance(item, _Downloaded):
+                self._downloaded(item)
+            else:
+                changed.append(item)
+        self._check_policy_and_table()
+        if not self.connected:
+            if self.pending.startswith(GONE):
+                self._restore_without_docker()
+            return
+        if self.pending:
+            self._full(self.pending)
+        elif self.guard is None:  # no full apply got through: the next one covers everything
+            self.fetched = False
+        elif changed:
+            self._incremental(changed)
+        elif self.fetched:
+            self._apply_downloaded()
+        elif self.rebuild_at is not None and time.monotonic() >= self.rebuild_at:
+            self._full("ports added since the last full apply get their own counters",
+                       rebuild=True)
 
     def _next_batch(self) -> list[Item]:
         try:
@@ -197,8 +224,9 @@ class Watcher:
         if mtime != self.mtime:
             self.mtime = mtime
             self.pending = self.pending or "policy file changed"
+            self.lists_checked = float("-inf")  # it may name a new list: look now
         now = time.monotonic()
-        if now >= self.lists_checked + LISTS_EVERY and self.guard is not None:
+        if now >= self.lists_checked + LISTS_EVERY and not self.downloading:
             self.lists_checked = now
             self.lists_due = listurls.refresh_due(self.path)
         if self.guard is None or self.pending.startswith(GONE):
@@ -237,16 +265,23 @@ class Watcher:
     def _full(self, reason: str, rebuild: bool = False) -> None:
         started = time.monotonic()
         self.rebuild_at = None
+        self.fetched = False  # it reads the copies the last round kept
         try:
-            plan, cut = engine.apply(self.path, lock_wait=LOCK_WAIT, rebuild=rebuild)
+            # the saved copies as they are: downloads run in their own thread, never here
+            plan, cut = engine.apply(self.path, lock_wait=LOCK_WAIT, rebuild=rebuild,
+                                     download=False)
             pol, desired = plan.policy, plan.desired
             if pol is None or desired is None:  # nothing changed, told by the stamp alone
                 pol, _, desired = engine.desired_state(self.path, plan.inventory)
             link = self.link = self.link or discovery.DockerLink()
             bridges, routed = link.networks()
-        except PolicyError as exc:
+        except (PolicyError, listurls.MissingCopy) as exc:
             self._applied(started, False)
-            self.report(f"{reason}: policy rejected, keeping the current rules: {exc}")
+            if isinstance(exc, listurls.MissingCopy):  # a new list: tried again after a round
+                self.report(f"{reason}: {exc}; the current rules stay until it is downloaded")
+                self.after_download = reason
+            else:
+                self.report(f"{reason}: policy rejected, keeping the current rules: {exc}")
             self.pending = ""  # wait for the next edit rather than repeating the error
             if self.guard is not None:
                 if netlink.table_handle(nft.TABLE) is None:  # and the table went meanwhile
@@ -406,18 +441,52 @@ class Watcher:
         if stamp is not None:
             applied.save(stamp, rs)
 
-    def _refresh_lists(self) -> None:
-        """Downloaded lists that are due: fetched, and when a list changed, only the elements
-        of its sets change, in one transaction (a full apply when the table's structure must
-        change too). A failed download keeps the last good copy, and so the rules."""
+    # --- downloaded lists --------------------------------------------------------------------
+
+    def _ask_download(self) -> None:
+        """A round of downloads when one is due (or SIGHUP asked for one), run by the downloads
+        thread: one at a time (a SIGHUP meanwhile: another round after it), and none while the
+        last round's copies wait to be applied (the loop reads them outside the host lock)."""
+        if self.downloading or self.fetched or not (self.lists_due or self.reload.is_set()):
+            return
+        force = self.reload.is_set()
+        self.reload.clear()
+        self.lists_due, self.downloading = False, True
+        self.rounds.put(force)
+
+    def _download(self) -> None:
+        """The downloads thread. A copy is written under the host lock (apply reads copies
+        under it); every round ends with an item on the events queue, whatever happened."""
+        while True:
+            force = self.rounds.get()
+            try:
+                warnings = listurls.refresh_lists(
+                    self.path, force=force, keeping=lambda: engine.host_lock(KEEP_WAIT))
+                item = _Downloaded(tuple(warnings))
+            except BaseException as exc:  # reported by the loop; the next round runs
+                item = _Downloaded((), f"{type(exc).__name__}: {exc}")
+            self.events.put(item)
+
+    def _downloaded(self, item: _Downloaded) -> None:
+        self.downloading, self.fetched = False, True
+        if item.error:
+            self.report(f"downloading lists failed: {item.error}; the saved copies stay in "
+                        "force")
+        for warning in item.warnings:
+            self.report(f"warning: {warning}")
+        if self.after_download:  # the full apply that waited for a list's first copy
+            self.pending = self.pending or self.after_download
+            self.after_download = ""
+
+    def _apply_downloaded(self) -> None:
+        """What a download round kept: when a list changed, only the elements of its sets
+        change, in one transaction (a full apply when the table's structure must change too).
+        A failed download kept the last good copy, and so the rules."""
         g = self.guard
         assert g is not None
-        self.lists_due, force = False, self.reload.is_set()
-        self.reload.clear()
+        self.fetched = False
         started = time.monotonic()
         what = "downloaded lists refreshed"
-        for warning in listurls.refresh_lists(self.path, force=force):
-            self.report(f"warning: {warning}")
         if g.stamp is not None and listfiles.inputs_digest(self.path) == g.stamp.policy:
             return  # the same copies as before
         try:

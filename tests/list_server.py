@@ -4,11 +4,16 @@ namespace: `python3 list_server.py ADDRESS PORT`). Standard library only."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODE = "good"
 GOOD = b"# office\n203.0.113.10\n2001:db8:1::10/128\n\n198.51.100.7  # branch\n"
+SWAPPED = b"203.0.113.100\n2001:db8:9::10\n"  # the strangers' addresses instead of the office's
+HOLD = 45.0  # /held gives up holding after this long (a download may take 60 s in all)
+RELEASE = threading.Event()
+HELD = {"state": "idle"}  # of /held: idle, holding (a download is in flight), done
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -30,7 +35,16 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path
         if path.startswith("/set/"):  # what /list answers from now on
             MODE = path[len("/set/"):]
+            RELEASE.clear()
+            HELD["state"] = "idle"
             self.send(b"ok\n")
+            return
+        if path == "/release":  # /held sends the rest of its list now
+            RELEASE.set()
+            self.send(b"ok\n")
+            return
+        if path == "/held-state":
+            self.send(HELD["state"].encode())
             return
         if path == "/list":
             path = f"/{MODE}"
@@ -54,8 +68,23 @@ class Handler(BaseHTTPRequestHandler):
             self.send(b"# nothing today\n")
         elif path == "/other":
             self.send(b"198.51.100.50\n")
-        elif path == "/swapped":  # the strangers' addresses instead of the office's
-            self.send(b"203.0.113.100\n2001:db8:9::10\n")
+        elif path == "/swapped":
+            self.send(SWAPPED)
+        elif path == "/held":  # SWAPPED, held open (a comment line every 0.5 s) until /release
+            HELD["state"] = "holding"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            deadline = time.monotonic() + HOLD
+            try:
+                while not RELEASE.wait(0.5) and time.monotonic() < deadline:
+                    self.wfile.write(b"# more to come\n")
+                    self.wfile.flush()
+                self.wfile.write(SWAPPED)
+            except OSError:
+                return
+            finally:
+                HELD["state"] = "done"
         elif path.startswith("/loop"):
             self.send_response(302)
             self.send_header("Location", "/loop")

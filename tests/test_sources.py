@@ -33,7 +33,7 @@ from dockfence.lab import (
     Lab,
 )
 
-from helpers import live_stamp, recorded_stamp
+from helpers import live_stamp, recorded_stamp, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = Path(__file__).resolve().parent / "list_server.py"
@@ -193,8 +193,13 @@ class Site:
     def serve(self, mode: str) -> None:
         if self.server is None:
             self.server = start_server(self.lab.client2_ns, CLIENT2_V4)
-        self.lab.host_exec(sys.executable, "-c", "import urllib.request; urllib.request."
-                           f"urlopen('http://{CLIENT2_V4}:{PORT}/set/{mode}', timeout=5)")
+        self.ask(f"set/{mode}")
+
+    def ask(self, path: str) -> str:
+        """What the list server answers at /path (asked from the Docker host)."""
+        return str(self.lab.host_exec(
+            sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+            f"'http://{CLIENT2_V4}:{PORT}/{path}', timeout=5).read().decode())").stdout.strip())
 
     def stop(self) -> None:
         if self.server is not None:
@@ -283,6 +288,31 @@ def test_downloaded_list_and_deny_list_with_real_packets(site: Site) -> None:
     assert site.probe(list(now), now) == now
 
 
+class Watching:
+    """`dockfence watch` on the lab's Docker host, its output in a file; stopped by SIGTERM to
+    the pid it started."""
+
+    def __init__(self, site: Site, policy: Path) -> None:
+        self.log_path = site.lab.base / f"watch-sources-{time.monotonic_ns()}.log"
+        env = {**os.environ, "DOCKER_HOST": site.lab.docker_host, "PYTHONPATH": str(REPO),
+               "DOCKFENCE_STATE_DIR": str(site.state), "SSH_CONNECTION": ""}
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / site.lab.host_ns}", sys.executable, "-m",
+             "dockfence", "watch", "--policy", str(policy)],
+            stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, text: str, after: int = 0) -> bool:
+        return bool(wait_for(lambda: text in self.log()[after:], 60))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
 def _handle(site: Site) -> int:
     listed = site.lab.host_exec("nft", "-j", "list", "tables", "inet").stdout
     return next(o["table"]["handle"] for o in json.loads(listed)["nftables"]
@@ -305,21 +335,8 @@ def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> Non
         site.age_copy()
     assert site.dockfence("apply", "--policy", str(site.policy)).returncode == 0
 
-    log = site.lab.base / f"watch-sources-{time.monotonic_ns()}.log"
-    env = {**os.environ, "DOCKER_HOST": site.lab.docker_host, "PYTHONPATH": str(REPO),
-           "DOCKFENCE_STATE_DIR": str(site.state), "SSH_CONNECTION": ""}
-    proc = subprocess.Popen(["nsenter", f"--net={NETNS_DIR / site.lab.host_ns}", sys.executable,
-                             "-m", "dockfence", "watch", "--policy", str(site.policy)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-    def wait_log(text: str, after: int = 0) -> bool:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if text in log.read_text()[after:]:
-                return True
-            time.sleep(0.1)
-        return False
-
+    watch = Watching(site, site.policy)
+    proc, log, wait_log = watch.proc, watch.log_path, watch.wait_log
     try:
         assert wait_log("start:"), log.read_text()
         # watch started on a table it did not write: it rewrites it once, after a quiet spell
@@ -358,5 +375,83 @@ def test_watch_refreshes_a_downloaded_list_element_by_element(site: Site) -> Non
                "office_except": True, "stranger_except": False}  # the rest still enforced
         assert site.probe(list(now), now) == now
     finally:
-        proc.send_signal(signal.SIGTERM)  # by the pid we started
-        proc.wait(30)
+        watch.stop()
+
+
+HELD_POLICY = """\
+version: 1
+lists:
+  office: {url: "http://198.51.100.7:8000/list", refresh: 1h}
+containers:
+  default: deny
+  allow:
+    - {container: web, port: 8080, from: office}
+    - {container: late, port: 8080, from: office}
+"""
+BRANCH = '  branch: {url: "http://198.51.100.7:8000/good", refresh: 1h}\n'  # the office's
+LATE = 8085
+
+
+def _late(site: Site) -> list[bool]:
+    """office v4, stranger v4 (NAT), office v6, stranger v6 (docker-proxy) to late's port."""
+    return site.lab.probe_many([(site.lab.client_ns, *p) for p in (
+        (CLIENT_V4, HOST_EXT0_V4, LATE), (CLIENT_V4_ALT, HOST_EXT0_V4, LATE),
+        (CLIENT_V6, HOST_EXT0_V6, LATE), (CLIENT_V6_ALT, HOST_EXT0_V6_ALT, LATE))], timeout=1.0)
+
+
+def test_a_slow_download_does_not_hold_up_dockers_events(site: Site) -> None:
+    """watch downloads in a thread of its own: while a download is held open by the server, a
+    container started meanwhile is gated at once (by the list watch has); once the download
+    completes, the new list is enforced; SIGTERM during a download stops watch at once. The
+    stranger refused here gets in without dockfence."""
+    lab = site.lab
+    policy = lab.base / "held.yaml"
+    policy.write_text(HELD_POLICY)
+    site.dockfence("remove")
+    site.serve("good")
+    if (site.state / "lists" / "office.json").exists():
+        site.age_copy()
+    proc = site.dockfence("apply", "--policy", str(policy))  # a good copy of the office list
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    watch = Watching(site, policy)
+    try:
+        assert watch.wait_log("start:"), watch.log()
+        site.serve("held")
+        seen = len(watch.log())
+        watch.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: site.ask("held-state") == "holding", 30), watch.log()
+        lab.run_container("late", [f"{LATE}:8080"], lab.tcp_server_cmd(8080))
+        in_out = [True, False, True, False]  # office in, stranger out, both families
+        assert wait_for(lambda: _late(site) == in_out, 20), (_late(site), watch.log())
+        assert site.ask("held-state") == "holding", watch.log()  # the download still runs
+        assert "downloaded lists refreshed" not in watch.log()[seen:]
+
+        site.ask("release")
+        assert watch.wait_log("downloaded lists refreshed: updated the elements of", seen), \
+            watch.log()
+        swapped = [False, True, False, True]  # the list now names the strangers
+        assert wait_for(lambda: _late(site) == swapped, 20), (_late(site), watch.log())
+
+        # a policy edit naming a list with no copy yet: applied once the thread downloaded it
+        policy.write_text(HELD_POLICY.replace("containers:", BRANCH + "containers:").replace(
+            "{container: late, port: 8080, from: office}",
+            "{container: late, port: 8080, from: branch}"))
+        assert wait_for(lambda: _late(site) == in_out, 30), (_late(site), watch.log())
+        assert "the current rules stay until it is downloaded" in watch.log(), watch.log()
+
+        # SIGTERM while a download is held open: watch stops at once, the rules stay
+        site.serve("held")
+        watch.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: site.ask("held-state") == "holding", 30), watch.log()
+        watch.proc.send_signal(signal.SIGTERM)
+        assert watch.proc.wait(10) == 0, watch.log()  # the server holds on for 45 s
+        assert _late(site) == in_out
+    finally:
+        site.ask("release")  # the server's handler ends now, whatever happened
+        watch.stop()
+    # baseline: without dockfence, everyone gets in (the stranger refused above too)
+    assert site.dockfence("remove").returncode == 0
+    try:
+        assert wait_for(lambda: _late(site) == [True] * 4, 30), _late(site)
+    finally:
+        lab.docker("rm", "-f", "late")
