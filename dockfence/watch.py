@@ -463,7 +463,7 @@ class Watcher:
                 warnings = listurls.refresh_lists(
                     self.path, force=force, keeping=lambda: engine.host_lock(KEEP_WAIT))
                 item = _Downloaded(tuple(warnings))
-            except BaseException as exc:  # reported by the loop; the next round runs
+            except Exception as exc:  # reported by the loop; the next round runs
                 item = _Downloaded((), f"{type(exc).__name__}: {exc}")
             self.events.put(item)
 
