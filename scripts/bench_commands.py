@@ -38,7 +38,7 @@ from pathlib import Path
 import bench  # scripts/bench.py: the same lists, formatting and machine description
 
 REPO = bench.REPO
-from dockfence import discovery, policy  # noqa: E402
+from dockfence import bans, discovery, policy  # noqa: E402
 from dockfence.backends import nftables as nft  # noqa: E402
 from dockfence.compile import compile_policy  # noqa: E402
 from dockfence.engine import stamp_of  # noqa: E402
@@ -50,6 +50,7 @@ SMALL = 10  # the "small policy" of the targets
 # nft reads every element of the table before it adds one (dockfence bans over netlink): the
 # same ban by hand takes minutes at a million entries, so it is timed up to this size only
 RAW_BAN_MAX = 100_000
+BAN_COUNTS = (1_000, 99_999)  # bans already in force (fail2ban's, say): 100,000 at the most
 
 
 def policy_inline(entries: Sequence[str]) -> str:
@@ -203,6 +204,30 @@ def measure_small_only(r: Runner, path: Path, samples: dict[str, list[float]],
     r.dockfence("remove")
 
 
+def measure_many_bans(r: Runner, path: Path, samples: dict[int, dict[str, list[float]]],
+                      reps: int) -> None:
+    """One more ban (and its unban) while many are in force, beside `nft add element` on the
+    same table. The bans are IPv6 hosts of 2001:db8::/32 written into the ban record, which
+    the apply loads into the table."""
+    record = Path(r.env["DOCKFENCE_STATE_DIR"]) / bans.RECORD
+    for count in BAN_COUNTS:
+        bench.log(f"{count:,} bans in force")
+        bans.save([bans.Ban(f"2001:db8:b:{i >> 16:x}::{i & 0xFFFF:x}", time.time() + 86400,
+                            "bench") for i in range(count)], record)
+        got = samples.setdefault(count, {})
+        for _ in range(reps):
+            r.dockfence("remove")
+            got.setdefault("apply", []).append(r.dockfence("apply", "--policy", str(path)).seconds)
+            got.setdefault("ban", []).append(
+                r.dockfence("ban", "2001:db8:c::77", "--for", "1h").seconds)
+            got.setdefault("unban", []).append(r.dockfence("unban", "2001:db8:c::77").seconds)
+            got.setdefault("nft ban", []).append(r.nft(
+                "add", "element", "inet", "dockfence", "bans_v6",
+                "{ 2001:db8:c::78 timeout 3600s }").seconds)
+        r.dockfence("remove")
+        record.unlink()
+
+
 IMPORTS = {
     "dockfence.cli (what --help loads)": "dockfence.cli",
     "dockfence.engine (+ apply's no-op path)": "dockfence.engine",
@@ -234,7 +259,8 @@ def ratio(a: float, b: float) -> str:
     return "-" if a != a or b != b or b <= 0 else f"{a / b:.2f}x"
 
 
-def report(rows: list[Row], small: dict[str, list[float]], imports: dict[str, float], reps: int,
+def report(rows: list[Row], small: dict[str, list[float]],
+           many_bans: dict[int, dict[str, list[float]]], imports: dict[str, float], reps: int,
            load: str) -> str:
     fmt = bench.fmt_s
 
@@ -284,6 +310,17 @@ def report(rows: list[Row], small: dict[str, list[float]], imports: dict[str, fl
         bench.table(["N entries", "list", "dockfence ban", "dockfence unban",
                      "nft add element"], ban_body),
         "",
+        "With many bans in force (IPv6 hosts in the ban record, a 10-entry policy): `apply` "
+        "loads them with the table, `ban` adds one more (the record rewritten, the family's "
+        "ban set replaced over netlink), beside one more added by hand with `nft add "
+        "element`:",
+        "",
+        bench.table(["bans in force", "apply", "dockfence ban", "dockfence unban",
+                     "nft add element"],
+                    [[bench.fmt_n(count), *(fmt(median(got[k]))
+                                            for k in ("apply", "ban", "unban", "nft ban"))]
+                     for count, got in many_bans.items()]),
+        "",
         "Commands that do not depend on the list size (10-entry policy, applied), and the "
         "interpreter's own start for scale:",
         "",
@@ -322,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = loadavg()
     rows: list[Row] = []
     small: dict[str, list[float]] = {}
+    many_bans: dict[int, dict[str, list[float]]] = {}
     imports: dict[str, float] = {}
     lab = Lab(f"dfc{os.getpid() % 100000}")
     try:
@@ -351,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench.log("row: " + ", ".join(f"{k} {bench.fmt_s(row.m(k))}"
                                                   for k in row.samples if "rss" not in k))
             measure_small_only(r, small_path, small, a.reps)
+            measure_many_bans(r, small_path, many_bans, a.reps)
             imports = import_times(max(a.reps, 3))
     except bench.BenchError as exc:
         print(f"bench_commands: {exc}", file=sys.stderr)
@@ -359,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_commands: interrupted; the lab was removed", file=sys.stderr)
         return 130
     load = f"{load_before} before, {loadavg()} after, on {os.cpu_count()} CPUs"
-    text = report(rows, small, imports, a.reps, load)
+    text = report(rows, small, many_bans, imports, a.reps, load)
     args = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python3 scripts/bench_commands.py", *map(shlex.quote, args)])
     took = time.perf_counter() - started
