@@ -150,7 +150,8 @@ def read_saved(lu: ListURL) -> tuple[bytes, filedigests.Hashed]:
     found = saved_read(lu)
     if found is None:
         raise MissingCopy(f"{lu.label()}: no good copy has been downloaded yet (`dockfence "
-                          f"apply` downloads it; nothing is enforced from an empty list)")
+                          f"apply` or `watch` downloads it; nothing is enforced from an empty "
+                          "list)")
     return found
 
 
