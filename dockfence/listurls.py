@@ -14,7 +14,6 @@ redirects (a redirect loop ends).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -205,7 +204,7 @@ def save(lu: ListURL, data: bytes, now: float) -> None:
     lu.copy.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _replace(lu.copy, data)
     _replace(lu.meta, json.dumps({"url": lu.url, "fetched": now,
-                                  "sha256": hashlib.sha256(data).hexdigest()}).encode())
+                                  "sha256": filedigests.of_bytes(data)}).encode())
 
 
 def _note_failure(lu: ListURL, now: float) -> None:
