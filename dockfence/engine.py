@@ -15,17 +15,15 @@ from typing import TYPE_CHECKING
 from . import discovery, listfiles, record, state
 from .backends import nftables as nft
 from .errors import OperationalError, UsageError
-from .model import (
-    Inventory,
-    Ruleset,
-)
 from .run import later
 from .stamp import Stamp, inventory_digest
 
 # The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
-# diff, bans or counters: each loads where it is used.
+# diff, bans or counters, nor the rules' types: each loads where it is used.
 if TYPE_CHECKING:
     from . import policy
+    from .inventory import Inventory
+    from .model import Ruleset
     from .plan import Change
 
 

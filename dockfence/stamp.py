@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 
 if TYPE_CHECKING:
-    from .model import Inventory
+    from .inventory import Inventory
 
 FORMAT = 1
 _STAMP_RE = re.compile(
