@@ -790,7 +790,7 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
-    from ..model import PROTOS, DirectGate, Gate, HostRules, Ruleset, Sources
+    from ..model import PROTOS, DirectGate, Gate, HostRules, PortRange, Ruleset, Sources
 
     sets: dict[str, tuple[int, ...]] = {}
     bridges: tuple[str, ...] = ()
