@@ -9,6 +9,8 @@ describes the table it sits in. Pure: hashing only.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -35,15 +37,9 @@ def sha256(size: int) -> Any:
     """A SHA-256 hasher for `size` bytes: the same digest, from the implementation that gives
     it soonest, counting the import."""
     if size < OPENSSL_FROM:
-        try:
-            from _sha256 import sha256 as builtin  # CPython 3.11
-        except ImportError:
-            try:
-                from _sha2 import sha256 as builtin  # type: ignore[no-redef]  # 3.12+
-            except ImportError:  # another Python, or a build without it
-                builtin = None
-        if builtin is not None:
-            return builtin()
+        for module in ("_sha256", "_sha2"):  # CPython's own: 3.11, then 3.12+
+            with contextlib.suppress(ImportError):
+                return importlib.import_module(module).sha256()
     import hashlib
 
     return hashlib.sha256()
