@@ -9,22 +9,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import OperationalError
+from .inventory import Binding, Container, Inventory, bridge_names, covered_by_patterns
 from .labels import label_rules
 from .model import (
     PROTOS,
-    Binding,
-    Container,
     DirectGate,
     Gate,
     HostRules,
-    Inventory,
     IPAddress,
     PortRange,
     Proto,
     Ruleset,
     Sources,
-    bridge_names,
-    covered_by_patterns,
     find_gate,
 )
 

@@ -18,8 +18,7 @@ from urllib.parse import quote
 
 from . import dockerapi
 from .errors import OperationalError
-from .labels import MAX_LABELS, MAX_VALUE, PREFIX
-from .model import Binding, Container, Inventory
+from .inventory import MAX_LABELS, MAX_VALUE, PREFIX, Binding, Container, Inventory
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -20,7 +20,8 @@ from . import discovery, engine, policy, statedir
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError
-from .model import Binding, Container, Inventory, Ruleset, covered_by_patterns, find_gate
+from .inventory import Binding, Container, Inventory, covered_by_patterns
+from .model import Ruleset, find_gate
 from .run import run
 
 Level = Literal["ok", "warning", "failure"]

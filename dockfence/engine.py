@@ -15,17 +15,15 @@ from typing import TYPE_CHECKING
 from . import discovery, listfiles, record, state
 from .backends import nftables as nft
 from .errors import OperationalError, UsageError
-from .model import (
-    Inventory,
-    Ruleset,
-)
 from .run import later
 from .stamp import Stamp, inventory_digest
 
 # The no-op apply needs none of the policy validator, compiler, renderer's callers, explainer,
-# diff, bans or counters: each loads where it is used.
+# diff, bans or counters, nor the rules' types: each loads where it is used.
 if TYPE_CHECKING:
     from . import policy
+    from .inventory import Inventory
+    from .model import Ruleset
     from .plan import Change
 
 
@@ -69,17 +67,17 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def desired_state(policy_path: str, inv: Inventory | None = None,
+def desired_state(policy_path: str, inv: Inventory | Callable[[], Inventory] | None = None,
                   ) -> tuple[policy.Policy, Inventory, Ruleset]:
+    """The policy, Docker's inventory (given, being asked: later(), or None: asked now) and
+    the rules they make."""
     from . import policy
     from .compile import compile_policy
 
-    if inv is None:  # Docker answers while the policy is read (its lists can take a second)
-        asked = later(discovery.inventory, "docker")
-        pol = policy.load(policy_path)
-        inv = asked()
-    else:
-        pol = policy.load(policy_path)
+    # Docker answers while the policy is read (its lists can take a second)
+    asked = later(discovery.inventory, "docker") if inv is None else inv
+    pol = policy.load(policy_path)
+    inv = asked() if callable(asked) else asked
     return pol, inv, compile_policy(pol, inv)
 
 
@@ -130,33 +128,36 @@ class RolledBack(OperationalError):
     """The new rules were not confirmed in time; the previous ones are back."""
 
 
-def _unchanged_by_stamp(policy_path: str, text: str | None = None,
-                        ) -> tuple[Plan | None, Inventory | None]:
+def _unchanged_by_stamp(policy_path: str, text: str | None,
+                        asked: Callable[[], Inventory]) -> Plan | None:
     """The no-op answer in constant time: the digests of the policy's files and of Docker's
-    inventory equal the live table's stamp, and the last apply recorded its warnings. Nothing
-    is parsed, compiled, rendered or read back. (None, inventory) when that cannot be told."""
+    inventory (`asked`: being asked) equal the live table's stamp, and the last apply recorded
+    its warnings. Nothing is parsed, compiled, rendered or read back. None when that cannot be
+    told."""
     digest = listfiles.inputs_digest(policy_path, text)
     if digest is None:
-        return None, None
-    inv = discovery.inventory()
+        return None
+    live = nft.live_stamp()
+    inv = asked()
     st = Stamp(digest, inventory_digest(inv))
-    if nft.live_stamp() != st:
-        return None, inv
-    warnings = record.warnings(st)
+    warnings = record.warnings(st) if live == st else None
     if warnings is None:
-        return None, inv
-    return Plan(None, inv, None, None, [], True, "", st, warnings), inv
+        return None
+    return Plan(None, inv, None, None, [], True, "", st, warnings)
 
 
 def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
           full: bool = False, lock_wait: float = 0.0, rebuild: bool = False,
-          download: bool = True) -> tuple[Plan, int]:
+          download: bool = True, inventory: Callable[[], Inventory] | None = None,
+          ) -> tuple[Plan, int]:
     """Make the kernel match the policy in one transaction. Returns the plan and how many
     established connections were cut because the new policy denies them.
 
     Unless `full`, a table whose stamp says it was made from these very inputs is trusted, and
     so is the record of what the last apply wrote: nothing big is read back. `full` reads the
     live table as plan does (a table edited by hand is rewritten).
+
+    `inventory`: Docker's inventory, already being asked (run.later(discovery.inventory)).
 
     With `confirm`, the new rules stay only if it returns True (the operator could still reach
     the host); otherwise the previous table is restored, in one transaction too, and nothing
@@ -165,6 +166,11 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
     Without `download`, downloaded lists are read from their saved copies as they are (watch
     downloads beside its loop, and never under this lock)."""
     with host_lock(lock_wait):
+        saved = state.Record()  # what `restore` loads at the next boot
+        # Docker answers while the policy's inputs are digested and the stamp is read (dockerd
+        # takes ~20 ms, /info alone ~10: most of what a no-op apply waits for)
+        quick_try = not full and not rebuild and saved.exists()
+        asked = inventory or (later(discovery.inventory, "docker") if quick_try else None)
         # Downloaded lists due for a refresh first: the digest below covers their saved copies,
         # so an unchanged download is still a no-op. A failed one keeps its last good copy.
         from . import listurls
@@ -172,10 +178,8 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         text = listfiles.read_text(policy_path)  # read once: a big inline list is megabytes
         fetched = listurls.refresh_lists(policy_path, text=text) if download else []
         ssh = None if force else os.environ.get("SSH_CONNECTION")
-        inv = None
-        saved = state.Record()  # what `restore` loads at the next boot
-        if not full and not rebuild and saved.exists():
-            quick, inv = _unchanged_by_stamp(policy_path, text)
+        if quick_try and asked is not None:
+            quick = _unchanged_by_stamp(policy_path, text, asked)
             # Over SSH, rules that would deny the session's next login are refused even when
             # they are already in force: checked on the recorded rules (the same, by stamp).
             if quick is not None and not (ssh and _locks_out(quick.stamp, quick.inventory, ssh)):
@@ -188,7 +192,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         # without a record, nft lists the table while the policy is read and compiled
         listing = nft.live_json_later() if exists and live is None else None
         try:
-            pol, inv, desired = desired_state(policy_path, inv)
+            pol, inv, desired = desired_state(policy_path, asked)
         except listurls.MissingCopy as exc:  # say why the download failed, too
             raise listurls.MissingCopy("\n".join([*fetched, str(exc)])) from None
         risk = lockout(desired, inv, ssh)

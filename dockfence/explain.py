@@ -6,19 +6,8 @@ import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from .model import (
-    Binding,
-    Container,
-    Gate,
-    Inventory,
-    PortRange,
-    Proto,
-    Ruleset,
-    Sources,
-    Verdict,
-    addressed_gates,
-    find_gate,
-)
+from .inventory import Binding, Container, Inventory
+from .model import Gate, PortRange, Proto, Ruleset, Sources, Verdict, addressed_gates, find_gate
 
 # "depends": the port is published on several host addresses with different verdicts and no
 # `to` said which one

@@ -14,13 +14,14 @@ file is read and hashed. The memo is volatile and root's, beside the others in /
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .stamp import sha256
 
 MEMO = Path("/run/dockfence/digests.json")
 RACY_NS = 3_000_000_000  # covers 1-2 s timestamp granularity and the kernel's coarse clock
@@ -30,7 +31,9 @@ _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def of_bytes(data: bytes) -> str:
     """A file's digest: SHA-256 of its bytes (what listurls records for a saved copy, too)."""
-    return hashlib.sha256(data).hexdigest()
+    h = sha256(len(data))
+    h.update(data)
+    return str(h.hexdigest())
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,10 @@ def _hash_file(path: str) -> Hashed:
     at = time.time_ns()
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    return Hashed.of(st, digest, at)
+        h = sha256(st.st_size)
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return Hashed.of(st, h.hexdigest(), at)
 
 
 class Memo:

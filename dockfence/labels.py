@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import addresses
-from .model import LIST_NAME_RE, Container, IPNetwork, PortSpec, Sources, parse_port
+from .inventory import MAX_LABELS, MAX_VALUE, PREFIX, Container
+from .listurls import LIST_NAME_RE
+from .model import IPNetwork, PortSpec, Sources, parse_port
 
-if TYPE_CHECKING:  # discovery reads the limits below: it must not load the policy validator
+if TYPE_CHECKING:
     from .policy import Policy
 
-PREFIX = "dockfence."
 ALLOW_PREFIX = "dockfence.allow."
-MAX_LABELS = 64  # dockfence labels read per container; more is refused as a whole
-MAX_VALUE = 4096  # characters in one label's value
 MAX_TOKENS = 256  # entries in one label's value
 _TOKEN_RE = re.compile(r"^[0-9A-Za-z:./_-]{1,64}$")
 

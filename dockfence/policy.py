@@ -20,7 +20,8 @@ from msgspec import UNSET, Meta, UnsetType
 
 from . import addresses, filedigests, listfiles, listurls, located_yaml
 from .errors import PolicyError
-from .model import IFNAME_RE, LIST_NAME_RE, PortSpec, Sources, Verdict, parse_port
+from .listurls import LIST_NAME_RE
+from .model import IFNAME_RE, PortSpec, Sources, Verdict, parse_port
 
 # Docker container names (and compose service names, which are stricter).
 NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

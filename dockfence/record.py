@@ -10,6 +10,7 @@ header (stamp, warnings) that a no-op apply reads alone, then the ruleset.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -17,10 +18,13 @@ import struct
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .model import DirectGate, Gate, HostRules, PortRange, Ruleset, Sources
 from .stamp import Stamp
+
+# The rules' types load with the first decode: a no-op `apply` reads only the warnings.
+if TYPE_CHECKING:
+    from .model import Gate, Ruleset, Sources
 
 DIRECTORY = Path("/run/dockfence")
 _BYTES = {4: 5, 6: 17}  # bytes of a block: 32 or 128 address bits and 8 of prefix length
@@ -74,6 +78,8 @@ def encode(rs: Ruleset) -> dict[str, Any]:
 
 
 def decode(doc: dict[str, Any]) -> Ruleset:
+    from .model import DirectGate, Gate, HostRules, PortRange, Ruleset, Sources
+
     sources = [Sources(any=s["any"], v4=_hex_blocks(4, s["v4"]), v6=_hex_blocks(6, s["v6"]),
                        names=tuple(s["names"]), deny_v4=_hex_blocks(4, s.get("deny_v4", "")),
                        deny_v6=_hex_blocks(6, s.get("deny_v6", ""))) for s in doc["sources"]]
@@ -133,6 +139,6 @@ def ruleset(stamp: Stamp) -> Ruleset | None:
             if head.get("stamp") != stamp.text():
                 return None
             rs = decode(json.loads(fh.readline()))
-        return Ruleset(**{**rs.__dict__, "warnings": tuple(head["warnings"])})
+        return dataclasses.replace(rs, warnings=tuple(head["warnings"]))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None

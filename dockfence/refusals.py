@@ -19,7 +19,8 @@ from pathlib import Path
 from . import counters, discovery
 from .backends import nftables as nft
 from .errors import DockfenceError, OperationalError
-from .model import Inventory, Ruleset
+from .inventory import Inventory
+from .model import Ruleset
 from .nflog import Packet
 
 WINDOW = 10.0  # seconds per summary window

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from .backends import nftables as nft
 from .errors import OperationalError
-from .model import Inventory, Ruleset, find_gate
+from .inventory import Inventory
+from .model import Ruleset, find_gate
 from .run import run
 
 

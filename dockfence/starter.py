@@ -6,7 +6,7 @@ fill in, under `containers.default: deny`, so the file is valid and safe to appl
 
 from __future__ import annotations
 
-from .model import Binding, Container, Inventory
+from .inventory import Binding, Container, Inventory
 
 _HEADER = """\
 # dockfence policy, started by `dockfence init` for the containers that were running.

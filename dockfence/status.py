@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 from . import counters, discovery, statedir
 from .backends import nftables as nft
 from .engine import trusted_live
-from .model import Binding, Container, Inventory, Ruleset, Sources, covered_by_patterns, find_gate
+from .inventory import Binding, Container, Inventory, covered_by_patterns
+from .model import Ruleset, Sources, find_gate
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError
 from .incremental import Chains, ElementUpdate, closed_meanwhile, element_update, list_update
-from .model import Container, Inventory, Ruleset
+from .inventory import Container, Inventory
+from .model import Ruleset
 from .policy import Policy, load
 from .revoke import revoke
 from .stamp import Stamp, inventory_digest

@@ -55,7 +55,8 @@ sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 from dockfence import policy  # noqa: E402
 from dockfence.backends import nftables as nft  # noqa: E402
 from dockfence.compile import compile_policy  # noqa: E402
-from dockfence.model import Inventory, Ruleset  # noqa: E402
+from dockfence.inventory import Inventory  # noqa: E402
+from dockfence.model import Ruleset  # noqa: E402
 
 SIZES = (10, 1_000, 10_000, 100_000)
 PORT = 8081

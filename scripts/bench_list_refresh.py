@@ -32,7 +32,7 @@ from dockfence.backends import netlink  # noqa: E402
 from dockfence.backends import nftables as nft  # noqa: E402
 from dockfence.compile import compile_policy  # noqa: E402
 from dockfence.incremental import list_update  # noqa: E402
-from dockfence.model import Inventory  # noqa: E402
+from dockfence.inventory import Inventory  # noqa: E402
 from dockfence.stamp import Stamp, digest  # noqa: E402
 
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from dockfence.inventory import Binding, Container, Inventory
 from dockfence.lab import NETNS_DIR, Lab
-from dockfence.model import Binding, Container, Inventory
 
 T = TypeVar("T")
 

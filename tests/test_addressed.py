@@ -24,7 +24,8 @@ from dockfence.discovery import bindings_of
 from dockfence.errors import OperationalError
 from dockfence.explain import explain
 from dockfence.incremental import closed_meanwhile, element_update
-from dockfence.model import Binding, Container, Inventory, find_gate
+from dockfence.inventory import Binding, Container, Inventory
+from dockfence.model import find_gate
 from dockfence.plan import diff
 from dockfence.stamp import Stamp, digest
 

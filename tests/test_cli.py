@@ -267,7 +267,7 @@ NO_OP_APPLY = """
 import contextlib, io
 from dockfence import engine, listfiles
 from dockfence.cli import main
-from dockfence.model import Inventory
+from dockfence.inventory import Inventory
 from dockfence.stamp import Stamp, inventory_digest
 path = {path!r}
 stamp = Stamp(listfiles.inputs_digest(path), inventory_digest(Inventory()))
@@ -291,13 +291,16 @@ def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None
     """The stamp answers "nothing changed" (proven against real tables by test_enforcement's
     lab tests); here: that answer, through the command line, needs neither the policy
     validator, nor the compiler, the diff, bans, counters or the output and HTTP libraries.
-    (inspect comes with dataclasses, which the engine's model needs.)"""
+    (inspect comes with dataclasses, which Docker's inventory needs.)"""
     path = write(tmp_path, POLICY)
     loaded = _modules_after(NO_OP_APPLY.format(path=path), tmp_path)
     assert "dockfence.engine" in loaded
     assert not loaded & (HEAVY - {"inspect"} | {
         "dockfence.policy", "dockfence.compile", "dockfence.plan", "dockfence.explain",
         "dockfence.bans", "dockfence.counters", "dockfence.located_yaml",
+        # nor the rules' types (their classes cost ~10 ms to create), nor OpenSSL (~4 ms) for
+        # the few small digests it makes
+        "dockfence.model", "dockfence.labels", "_hashlib",
         # it starts no process and writes no state: neither subprocess, nor shutil (bz2, lzma)
         # for finding programs, nor secrets (random, hmac, base64) for naming a generation
         "subprocess", "shutil", "bz2", "lzma", "secrets", "random"})
@@ -315,7 +318,7 @@ plan, cut = engine.apply(path)""")
 def _recorded(path: str) -> str:
     from dockfence import policy, record
     from dockfence.compile import compile_policy
-    from dockfence.model import Inventory
+    from dockfence.inventory import Inventory
 
     return json.dumps(record.encode(compile_policy(policy.load(path), Inventory())))
 
@@ -337,7 +340,7 @@ def test_a_no_op_over_ssh_is_refused_when_the_rules_in_force_lock_the_session_ou
     """The quick answer is not given when the recorded rules would deny the session's next
     login (nor when no rules are recorded): apply then goes the long way, which refuses."""
     from dockfence import engine, record
-    from dockfence.model import Inventory
+    from dockfence.inventory import Inventory
     from dockfence.stamp import Stamp
 
     path = write(tmp_path, POLICY.replace("port: 22/tcp\n      from: any",

@@ -11,7 +11,7 @@ from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.errors import OperationalError
 from dockfence.explain import explain
-from dockfence.model import Binding, Container, Inventory
+from dockfence.inventory import Binding, Container, Inventory
 
 from helpers import POLICY, container, scenario
 

@@ -4,6 +4,7 @@ was already old when it was hashed (git's "racy" rule). conftest keeps the memo 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dockfence import filedigests, listfiles, listurls, policy
+from dockfence import filedigests, listfiles, listurls, policy, stamp
 
 from helpers import POLICY
 
@@ -224,3 +225,20 @@ def test_a_file_just_written_is_not_remembered(tmp_path: Path, hashes: list[str]
     assert digest(path) == digest(path) == policy.load(path).digest
     assert hashes == [str(geo)] * 2
     assert not filedigests.MEMO.exists()  # nothing it could trust later: nothing written
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, stamp.OPENSSL_FROM - 1, stamp.OPENSSL_FROM,
+                                  3 * stamp.OPENSSL_FROM + 7])
+def test_sha256_is_the_same_digest_from_either_implementation(tmp_path: Path, size: int) -> None:
+    """Small inputs are hashed by CPython's own SHA-256, big ones by OpenSSL's: the digests
+    (recorded in tables, memos and downloads' descriptions) are SHA-256 either way."""
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    path = tmp_path / "list.txt"
+    path.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert filedigests.of_bytes(data) == expected
+    assert filedigests._hash_file(str(path)).digest == expected
+    assert stamp.digest(data) == hashlib.sha256(
+        len(data).to_bytes(8, "big") + data).hexdigest()[:32]
+    builtin = size < stamp.OPENSSL_FROM
+    assert (type(stamp.sha256(size)).__module__ == "_hashlib") != builtin

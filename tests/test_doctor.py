@@ -12,7 +12,7 @@ import pytest
 from dockfence import cli, doctor, policy
 from dockfence.compile import compile_policy
 from dockfence.doctor import Check, Facts, Service, evaluate
-from dockfence.model import Binding, Container, Inventory
+from dockfence.inventory import Binding, Container, Inventory
 
 from helpers import POLICY, scenario
 

@@ -15,7 +15,7 @@ from dockfence.discovery import (
     routed_families,
 )
 from dockfence.engine import lockout
-from dockfence.model import Binding, Inventory
+from dockfence.inventory import Binding, Inventory
 from dockfence.plan import diff
 from dockfence.revoke import flows_to_cut, parse_conntrack
 from dockfence.status import _port_status, _stale_direct

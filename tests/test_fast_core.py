@@ -18,7 +18,8 @@ import pytest
 from dockfence import addresses, dockerapi, listfiles, policy, record
 from dockfence.compile import compile_policy
 from dockfence.errors import PolicyError
-from dockfence.model import Binding, Container, Inventory, Ruleset, Sources
+from dockfence.inventory import Binding, Container, Inventory
+from dockfence.model import Ruleset, Sources
 from dockfence.plan import diff
 from dockfence.stamp import Stamp, inventory_digest
 

@@ -21,7 +21,8 @@ from dockfence.backends import netlink as nl
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.incremental import element_update, list_update, verdict_of
-from dockfence.model import Binding, Container, Inventory, Sources
+from dockfence.inventory import Binding, Container, Inventory
+from dockfence.model import Sources
 from dockfence.stamp import Stamp, digest
 
 from helpers import POLICY, container, scenario

@@ -10,8 +10,8 @@ from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.discovery import container_of
 from dockfence.explain import explain
-from dockfence.labels import MAX_LABELS, label_rules
-from dockfence.model import Binding, Container, Inventory
+from dockfence.inventory import MAX_LABELS, Binding, Container, Inventory
+from dockfence.labels import label_rules
 
 POLICY = """\
 version: 1

@@ -15,7 +15,7 @@ import pytest
 from dockfence import policy
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
-from dockfence.model import Binding, Container, Inventory
+from dockfence.inventory import Binding, Container, Inventory
 from dockfence.stamp import Stamp, digest
 
 from helpers import POLICY, scenario

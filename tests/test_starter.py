@@ -14,7 +14,7 @@ import yaml
 from dockfence import policy
 from dockfence.compile import compile_policy
 from dockfence.errors import PolicyError
-from dockfence.model import Binding, Container, Inventory
+from dockfence.inventory import Binding, Container, Inventory
 from dockfence.starter import starting_policy
 
 from helpers import scenario

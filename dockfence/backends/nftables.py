@@ -28,23 +28,17 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import addresses
 from ..errors import OperationalError
-from ..model import (
-    IFNAME_RE,
-    PROTOS,
-    DirectGate,
-    Gate,
-    HostRules,
-    PortRange,
-    Ruleset,
-    Sources,
-    Verdict,
-)
 from ..run import background, run
 from ..stamp import Stamp
+
+# The rules' types load with the first render or read-back, not with this module: a no-op
+# `apply` reads only the stamp (creating those classes costs ~10 ms).
+if TYPE_CHECKING:
+    from ..model import DirectGate, Gate, PortRange, Ruleset, Sources, Verdict
 
 FAMILY, TABLE = "inet", "dockfence"
 PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
@@ -76,6 +70,8 @@ def comment(*parts: str) -> str:
 
 def _ifnames(names: tuple[str, ...]) -> str:
     # names were validated (policy) or come from Docker's bridge names; re-check anyway.
+    from ..model import IFNAME_RE
+
     for n in names:
         if not IFNAME_RE.match(n):
             raise OperationalError(f"refusing unsafe interface name {n!r}")
@@ -440,6 +436,8 @@ def address_sets(rs: Ruleset) -> tuple[str, dict[str, tuple[int, tuple[int, ...]
 
 def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
             counts: dict[str, int] | None = None) -> _Renderer:
+    from ..model import PROTOS
+
     r = _Renderer(lines=[], sets={}, elements=elements, counts=counts or {})
     r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
                 *_stamp_set(stamp), *_ban_sets(),
@@ -769,6 +767,8 @@ def _set_blocks(version: int, elems: list[Any]) -> list[int]:
 
 
 def _ports(val: Any) -> PortRange:
+    from ..model import PortRange
+
     if isinstance(val, int):
         return PortRange(val, val)
     if isinstance(val, dict) and "range" in val:
@@ -790,6 +790,8 @@ def _key(key: Any) -> tuple[Any, tuple[str, str]]:
 
 def parse_live(doc: dict[str, Any]) -> Ruleset:
     """Rebuild the ruleset dockfence installed from the live listing (for status and plan)."""
+    from ..model import PROTOS, DirectGate, Gate, HostRules, PortRange, Ruleset, Sources
+
     sets: dict[str, tuple[int, ...]] = {}
     bridges: tuple[str, ...] = ()
     set_names: dict[str, tuple[str, ...]] = {}
