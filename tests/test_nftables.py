@@ -222,6 +222,39 @@ def test_bans_load_with_the_table_and_are_replaced_over_netlink() -> None:
 
 
 @needs_root
+def test_a_netlink_transaction_of_many_messages_is_acknowledged_whole() -> None:
+    """Every message of a batch is acknowledged: 2,000 of them overflow a netlink socket's
+    default receive buffer (ENOBUFS after the kernel had applied them all). commit() makes room
+    for every ack; the set then holds every element, as nft lists it. A batch of as many whose
+    last message the kernel refuses changes nothing and says why."""
+    script = (
+        "import sys\n"
+        "from dockfence.backends import netlink as nl, nftables as nft\n"
+        "from dockfence.errors import OperationalError\n"
+        "def ops(first, into='bans_v6'):\n"
+        "    return [nl.Op(True, into, nl.interval(bytes(14) + i.to_bytes(2, 'big'),\n"
+        "            bytes(14) + i.to_bytes(2, 'big'))) for i in range(first, first + 4000, 2)]\n"
+        "nft.apply_text(sys.argv[1])\n"
+        "nl.commit(nft.TABLE, ops(0x2000))\n"
+        "try:\n"
+        "    nl.commit(nft.TABLE, ops(0x8000) + ops(0x9000, 'no_such_set')[:1])\n"
+        "except OperationalError as exc:\n"
+        "    print(exc)\n"
+    )
+    table = nft.transaction(nft.render(ruleset("scenario")))
+    proc = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", f'{sys.executable} -c "$1" "$2" && '
+         "nft -j list set inet dockfence bans_v6", "sh", script, table],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    refused, listing = proc.stdout.split("\n", 1)
+    assert refused == "the kernel refused the element update: No such file or directory"
+    (listed,) = [o["set"] for o in json.loads(listing)["nftables"] if "set" in o]
+    assert len(listed["elem"]) == 2000 and listed["elem"][0] == "::2000"
+    assert listed["elem"][-1] == "::2f9e"
+
+
+@needs_root
 def test_a_rebuild_starts_the_counters_where_they_were() -> None:
     """watch's rebuild (same rules, each port its own chain) keeps what the counters counted:
     the kernel takes the start values, and the listing gives them back."""

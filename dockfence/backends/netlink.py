@@ -42,7 +42,11 @@ INTERVAL_END = 1
 UDATA_COMMENT = 0
 _VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4}
 IFNAMSIZ = 16
-SO_SNDBUFFORCE = 32  # root may raise its socket's send buffer past net.core.wmem_max
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # root may raise its buffers past net.core.*mem_max
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+# What one acknowledgement takes of the receive buffer (its socket buffer's true size, with
+# room to spare): a batch's acks all arrive before the first is read.
+ACK_ROOM = 2048
 # An element list is one attribute, whose length field has 16 bits: big updates are cut into
 # messages of this many elements (an IPv6 interval element takes 36 bytes).
 ELEMENTS_PER_MESSAGE = 1024
@@ -185,7 +189,7 @@ def commit(table: str, ops: list[Op]) -> None:
     seq0 = int.from_bytes(os.urandom(3), "big")
     data, pending = batch(table, ops, seq0)
     waiting = set(pending)
-    for kind, seq, reply, pos, _ in _replies(data):
+    for kind, seq, reply, pos, _ in _replies(data, acks=len(pending)):
         if kind == NLMSG_ERROR:
             (error,) = struct.unpack_from("=i", reply, pos + 16)
             if error != 0:
@@ -196,13 +200,20 @@ def commit(table: str, ops: list[Op]) -> None:
                 return
 
 
-def _replies(data: bytes) -> Iterator[tuple[int, int, bytes, int, int]]:
+def _replies(data: bytes, acks: int = 1) -> Iterator[tuple[int, int, bytes, int, int]]:
     """Send `data` on a fresh nf_tables netlink socket; yield (type, seq, buffer, offset,
-    length) of every message the kernel answers, until the caller stops reading."""
+    length) of every message the kernel answers, until the caller stops reading. `acks`: how
+    many messages ask for one."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.settimeout(10)
         if len(data) > 1 << 16:  # the kernel refuses a batch larger than the send buffer
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
+        # An ack past the receive buffer is dropped and recv() says ENOBUFS, though the
+        # kernel committed the batch (about 250 acks fit by default): room for all of them,
+        # and a refusal's ack without a copy of the (up to 64 KiB) message it refuses.
+        if acks * ACK_ROOM > 1 << 17:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, acks * ACK_ROOM)
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         sock.bind((0, 0))
         sock.send(data)
         while True:
