@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import __version__
 from .console import err, escape, out
@@ -192,6 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def run() -> NoReturn:
+    """The program (`dockfence`, `python3 -m dockfence`): main(), then out of the process at
+    once. Tearing the interpreter down would free what the command held object by object: ~30
+    ms after an apply of 100,000 addresses, more with a million, and nothing is left to do
+    (every thread has been joined or is a daemon, every file written is closed)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that left, a closed stream
+            stream.flush()
+    os._exit(code)
 
 
 # --- output helpers ---------------------------------------------------------------------------
