@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,35 @@ def test_bans_load_with_the_table_and_are_replaced_over_netlink() -> None:
                        ["203.0.113.104/29", 600]], v6]
     assert replaced == [[["203.0.113.100", 300]], v6]
     assert emptied == [[], v6]
+
+
+@needs_root
+def test_unban_lifts_a_ban_only_the_kernel_holds_and_knows_what_was_never_banned(
+        tmp_path: Path) -> None:
+    """In a throwaway namespace: a ban the kernel's set holds without a record (a lost state
+    directory) is lifted; an address banned nowhere is answered False; the recorded ban beside
+    them stays in both."""
+    from dockfence import bans
+
+    now = time.time()
+    held = bans.pieces([bans.Ban("203.0.113.100", now + 600), bans.Ban("203.0.113.7", now + 600)],
+                       now)
+    table = nft.transaction(nft.with_bans(
+        nft.render(ruleset("scenario"), Stamp(digest(b"p"), digest(b"i"))), held))
+    script = (
+        "import sys, time\n"
+        "from dockfence import bans, banning\n"
+        "from dockfence.backends import nftables as nft\n"
+        "nft.apply_text(sys.argv[1])\n"
+        "bans.save([bans.Ban('203.0.113.7', time.time() + 600)])\n"
+        "print(banning.unban('203.0.113.100'), banning.unban('198.51.100.9'))\n"
+        "print(sorted(nft.live_bans()), [b.network for b in bans.load()])\n"
+    )
+    proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script, table],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                          env={**os.environ, "DOCKFENCE_STATE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["True False", "['203.0.113.7'] ['203.0.113.7']"]
 
 
 @needs_root
