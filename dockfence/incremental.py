@@ -168,14 +168,10 @@ class _Builder:
                  new: tuple[int, ...]) -> None:
         """Queue the changes of one address set: each block is an interval element of its own
         (render() writes collapsed blocks and nft keeps them apart)."""
-        width = addresses.BITS[version] // 8
         for blocks, add in ((sorted(set(old).difference(new)), False),
                             (sorted(set(new).difference(old)), True)):
-            elements: list[nl.Element] = []
-            for b in blocks:
-                first, last = addresses.span(version, b)
-                elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"))
-            (self.adds if add else self.deletes).extend(nl.chunked(add, name, elements))
+            (self.adds if add else self.deletes).extend(
+                nl.block_ops(add, name, addresses.BITS[version], blocks))
         self._snapshot("set", name, addresses.show_all(version, new))
 
     def update(self, stamp: Stamp | None) -> ElementUpdate:

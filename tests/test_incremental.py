@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dockfence import policy
+from dockfence import addresses, policy
 from dockfence.backends import netlink as nl
 from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
@@ -56,6 +58,45 @@ def later() -> Inventory:
                           (Binding("tcp", "::", None, 8443), Binding("tcp", "0.0.0.0", 8443, 8443)),
                           ("172.18.0.3", "2001:db8:78::3"), routed_addresses=("2001:db8:78::3",)))
     return Inventory(tuple(sorted(kept, key=lambda c: c.name)), (*inv.bridges, "lan-docker"))
+
+
+def _interval_elements(version: int, blocks: list[int],
+                       timeouts: list[int | None] | None) -> list[nl.Element]:
+    """The elements of blocks, one interval at a time: what block_ops must send."""
+    width = addresses.BITS[version] // 8
+    elements: list[nl.Element] = []
+    for i, b in enumerate(blocks):
+        first, last = addresses.span(version, b)
+        elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"),
+                                timeout_ms=None if timeouts is None else timeouts[i])
+    return elements
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from([4, 6]), st.lists(st.tuples(st.integers(0, 2**16), st.integers(16, 32),
+                                                   st.sampled_from([None, 1000, 86400000])),
+                                         max_size=40), st.booleans(), st.booleans())
+def test_block_ops_encode_what_elements_encode(version: int,
+                                               raw: list[tuple[int, int, int | None]],
+                                               add: bool, timed: bool) -> None:
+    """nl.block_ops (C loops) sends byte for byte what interval Elements encoded one by one
+    send, timeouts where given; the family's top address is refused alike."""
+    bits = addresses.BITS[version]
+    blocks = [(n << (bits - plen)) % (1 << bits) << 8 | plen for n, plen, _ in raw]
+    timeouts = [t for _, _, t in raw] if timed else None
+    assert nl.batch("dockfence", nl.block_ops(add, "s", bits, blocks, timeouts), 9) == \
+        nl.batch("dockfence", nl.chunked(add, "s", _interval_elements(version, blocks, timeouts)),
+                 9)
+    with pytest.raises(ValueError, match="largest key"):
+        nl.block_ops(add, "s", bits, [((1 << bits) - 1) << 8 | bits])
+
+
+def test_block_ops_cut_messages_where_chunked_does() -> None:
+    blocks = [(0x20010DB8 << 96 | n << 64) << 8 | 64 for n in range(1500)]
+    ops = nl.block_ops(True, "s", 128, blocks)
+    assert [len(op.encoded) for op in ops] == [1024, 1024, 952]
+    assert nl.batch("dockfence", ops, 9) == \
+        nl.batch("dockfence", nl.chunked(True, "s", _interval_elements(6, blocks, None)), 9)
 
 
 def test_verdict_of_matches_render_and_needs_no_hashing() -> None:

@@ -350,14 +350,10 @@ def replace_bans(version: int, held: list[tuple[int, int | None]]) -> None:
     in one transaction over netlink: nft would read every allow-list element first."""
     from . import netlink as nl
 
-    width = addresses.BITS[version] // 8
-    elements: list[nl.Element] = []
-    for block, left in held:
-        first, last = addresses.span(version, block)
-        elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"),
-                                timeout_ms=None if left is None else left * 1000)
     name = BAN_SETS[version]
-    _commit([nl.Op(False, name, (), flush=True), *nl.chunked(True, name, elements)])
+    _commit([nl.Op(False, name, (), flush=True),
+             *nl.block_ops(True, name, addresses.BITS[version], [b for b, _ in held],
+                           [None if left is None else left * 1000 for _, left in held])])
 
 
 def replace_stamp(stamp: Stamp) -> None:
