@@ -60,16 +60,17 @@ def later() -> Inventory:
     return Inventory(tuple(sorted(kept, key=lambda c: c.name)), (*inv.bridges, "lan-docker"))
 
 
-def _interval_elements(version: int, blocks: list[int],
-                       timeouts: list[int | None] | None) -> list[nl.Element]:
-    """The elements of blocks, one interval at a time: what block_ops must send."""
+def _one_by_one(add: bool, version: int, blocks: list[int],
+                timeouts: list[int | None] | None) -> list[nl.Op]:
+    """The ops of blocks made one interval Element at a time: what block_ops must send."""
     width = addresses.BITS[version] // 8
     elements: list[nl.Element] = []
     for i, b in enumerate(blocks):
         first, last = addresses.span(version, b)
         elements += nl.interval(first.to_bytes(width, "big"), last.to_bytes(width, "big"),
                                 timeout_ms=None if timeouts is None else timeouts[i])
-    return elements
+    step = nl.ELEMENTS_PER_MESSAGE
+    return [nl.Op(add, "s", tuple(elements[i:i + step])) for i in range(0, len(elements), step)]
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -85,18 +86,17 @@ def test_block_ops_encode_what_elements_encode(version: int,
     blocks = [(n << (bits - plen)) % (1 << bits) << 8 | plen for n, plen, _ in raw]
     timeouts = [t for _, _, t in raw] if timed else None
     assert nl.batch("dockfence", nl.block_ops(add, "s", bits, blocks, timeouts), 9) == \
-        nl.batch("dockfence", nl.chunked(add, "s", _interval_elements(version, blocks, timeouts)),
-                 9)
+        nl.batch("dockfence", _one_by_one(add, version, blocks, timeouts), 9)
     with pytest.raises(ValueError, match="largest key"):
         nl.block_ops(add, "s", bits, [((1 << bits) - 1) << 8 | bits])
 
 
-def test_block_ops_cut_messages_where_chunked_does() -> None:
+def test_block_ops_cut_long_updates_into_messages() -> None:
     blocks = [(0x20010DB8 << 96 | n << 64) << 8 | 64 for n in range(1500)]
     ops = nl.block_ops(True, "s", 128, blocks)
     assert [len(op.encoded) for op in ops] == [1024, 1024, 952]
     assert nl.batch("dockfence", ops, 9) == \
-        nl.batch("dockfence", nl.chunked(True, "s", _interval_elements(6, blocks, None)), 9)
+        nl.batch("dockfence", _one_by_one(True, 6, blocks, None), 9)
 
 
 def test_verdict_of_matches_render_and_needs_no_hashing() -> None:

@@ -112,18 +112,13 @@ def interval(first: bytes, last: bytes, verdict: str | None = None,
     return (Element(first, verdict, comment, timeout_ms=timeout_ms), Element(end, end=True))
 
 
-def chunked(add: bool, name: str, elements: list[Element]) -> list[Op]:
-    """Ops adding (or deleting) `elements` of set `name`, ELEMENTS_PER_MESSAGE per message."""
-    return [Op(add, name, tuple(elements[i:i + ELEMENTS_PER_MESSAGE]))
-            for i in range(0, len(elements), ELEMENTS_PER_MESSAGE)]
-
-
 def block_ops(add: bool, name: str, bits: int, blocks: Sequence[int],
               timeouts_ms: Sequence[int | None] | None = None) -> list[Op]:
-    """What chunked(add, name, interval(...) of each block) makes, for address blocks
-    (dockfence.addresses: start << 8 | prefix length) of a `bits`-bit family, with a timeout
-    per block if given, but encoded by C loops (map): a ban set or a list change of 100,000s
-    of blocks, where an Element and its encoding each cost microseconds."""
+    """Ops adding (or deleting) in set `name` the interval elements of address blocks
+    (dockfence.addresses: start << 8 | prefix length) of a `bits`-bit family, each start with
+    its timeout if given, ELEMENTS_PER_MESSAGE per message. The bytes interval() Elements
+    would encode, made by C loops (map): a ban set or a list change may hold 100,000s of
+    blocks, and an Element and its encoding cost microseconds each."""
     width = bits // 8  # 4 or 16: no attribute below needs padding
     starts = list(map(operator.rshift, blocks, repeat(8)))
     size = {p: 1 << (bits - p) for p in range(bits + 1)}
