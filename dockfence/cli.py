@@ -198,8 +198,11 @@ def run() -> NoReturn:
     """The program (`dockfence`, `python3 -m dockfence`): main(), then out of the process at
     once. Tearing the interpreter down would free what the command held object by object: ~30
     ms after an apply of 100,000 addresses, more with a million, and nothing is left to do
-    (every thread has been joined or is a daemon, every file written is closed)."""
+    (every thread has been joined or is a daemon, every file written is closed). Under a tracer
+    or a profiler it exits as usual, so that they keep what they gathered."""
     code = main()
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        raise SystemExit(code)  # coverage or cProfile: they write their data at exit
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader that left, a closed stream
             stream.flush()

@@ -188,6 +188,20 @@ def test_process_exit_codes(tmp_path: Path) -> None:
     assert exit_code() == 2
 
 
+def test_the_process_flushes_what_it_printed_and_lets_a_profiler_write(tmp_path: Path) -> None:
+    """The program leaves with os._exit (no interpreter teardown): what it printed into a pipe
+    (block-buffered) still arrives whole; under cProfile it exits as usual, and the profile is
+    written."""
+    proc = subprocess.run([sys.executable, "-m", "dockfence", "schema"], cwd=REPO, timeout=60,
+                          capture_output=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["type"] == "object"
+    profile = tmp_path / "apply.prof"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m",
+                           "dockfence", "--version"], cwd=REPO, timeout=60, capture_output=True)
+    assert proc.returncode == 0 and __version__ in proc.stdout.decode()
+    assert profile.stat().st_size > 0
+
+
 def test_closed_stdout_exits_quietly() -> None:
     """`dockfence schema | head -1`: the reader has left; no traceback, exit 1 (as click did)."""
     read_end, write_end = os.pipe()
