@@ -208,11 +208,13 @@ def measure_many_bans(r: Runner, path: Path, samples: dict[int, dict[str, list[f
                       reps: int) -> None:
     """One more ban (and its unban) while many are in force, beside `nft add element` on the
     same table. The bans are IPv6 hosts of 2001:db8::/32 written into the ban record, which
-    the apply loads into the table."""
+    the apply loads into the table; as fail2ban's, no two are neighbours and each expires at
+    its own second, so each is an element of its own."""
     record = Path(r.env["DOCKFENCE_STATE_DIR"]) / bans.RECORD
     for count in BAN_COUNTS:
         bench.log(f"{count:,} bans in force")
-        bans.save([bans.Ban(f"2001:db8:b:{i >> 16:x}::{i & 0xFFFF:x}", time.time() + 86400,
+        now = time.time()
+        bans.save([bans.Ban(f"2001:db8:b:{i >> 15:x}::{(i & 0x7FFF) * 2:x}", now + 86400 + i,
                             "bench") for i in range(count)], record)
         got = samples.setdefault(count, {})
         for _ in range(reps):
