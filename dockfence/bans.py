@@ -127,9 +127,9 @@ def pieces(bans: Iterable[Ban], now: float) -> dict[int, list[tuple[int, int | N
     interval set refuses overlapping elements, and that host must stay banned if the /24
     expires first. A ban that does not overlap another is one block, its network."""
     spans: dict[int, list[tuple[int, int, float]]] = {4: [], 6: []}
-    live = [(math.inf if b.expires is None else b.expires, b.network) for b in bans]
-    live = [(expires, network) for expires, network in live if expires > now]
-    for (expires, _), (version, block) in zip(live, _blocks([n for _, n in live]), strict=True):
+    live = [b for b in bans if b.expires is None or b.expires > now]
+    for b, (version, block) in zip(live, _blocks([b.network for b in live]), strict=True):
+        expires = math.inf if b.expires is None else b.expires
         start, last = addresses.span(version, block)
         # the very last address cannot be an interval's start (it has no end element)
         # nor a packet's source: 255.255.255.255 is the limited broadcast
@@ -175,7 +175,7 @@ def _swept(items: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
     """Sorted spans that may overlap, cut into disjoint ones that each expire with the longest
     span covering them; neighbours that touch and expire together joined."""
     points = sorted({p for s, e, _ in items for p in (s, e)})
-    merged: list[tuple[int, int, float]] = []
+    cut: list[tuple[int, int, float]] = []
     active: list[tuple[float, int]] = []  # (-expires, end): the longest on top
     i = 0
     for a, b in itertools.pairwise(points):
@@ -184,14 +184,9 @@ def _swept(items: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
             i += 1
         while active and active[0][1] <= a:
             heapq.heappop(active)  # ended; others that ended go when they reach the top
-        if not active:
-            continue
-        expires = -active[0][0]
-        if merged and merged[-1][1] == a and merged[-1][2] == expires:
-            merged[-1] = (merged[-1][0], b, expires)
-        else:
-            merged.append((a, b, expires))
-    return merged
+        if active:
+            cut.append((a, b, -active[0][0]))
+    return _joined(cut)
 
 
 Held = dict[int, tuple[list[int], list[tuple[int, int]]]]
