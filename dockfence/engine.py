@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from . import discovery, listfiles, record, state
 from .backends import nftables as nft
+from .backends import staged
 from .errors import OperationalError, UsageError
 from .run import later
 from .stamp import Stamp, inventory_digest
@@ -204,30 +205,43 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
             doc = listing()
             live = nft.parse_live(doc) if doc is not None else None
         # a rebuild loads the same decisions: the counters keep what they counted
-        table = nft.render(desired, st, counts=(nft.live_counters() or {}) if rebuild else None)
+        counts = (nft.live_counters() or {}) if rebuild else None
         # rebuild: the same decisions, but load the table as render() writes it (watch's element
         # updates leave new ports without chains of their own)
         unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (
-            doc is None or nft.same_structure(doc, table))
-        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, table, st,
+            doc is None or nft.same_structure(doc, nft.render(desired, st, elements=False)))
+        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, "", st,
                     fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
                 nft.replace_stamp(st)
             if live_st != st or not saved.exists():
-                saved.save_table(table)
+                saved.save_table(nft.render(desired, st))
             record.save(st, desired)
             return plan, 0
         previous = nft.live_text() if confirm is not None and exists else None
+        # A big table's sets are filled beside the live rules from now on (see
+        # backends.staged), while the whole table is rendered and recorded for `restore`.
+        staged = _stage(desired, st, counts, plan)
+        plan.table = table = nft.render(desired, st, counts=counts)
         # Recorded first: if that fails nothing changes (a stale record would bring back older
         # rules at the next boot); if the kernel refuses, the old record is put back.
-        forget = saved.save_table(table)
         try:
-            loaded = load_later(table)
-            # While nft loads: the record of these rules. It is keyed by the new stamp, so it
-            # describes nothing until the table carries that stamp.
-            record.save(st, desired)
-            loaded()
+            forget = saved.save_table(table)
+        except BaseException:
+            if staged is not None:
+                staged.abort()
+            raise
+        try:
+            if staged is None:
+                loaded = load_later(table)
+                # While nft loads: the record of these rules. It is keyed by the new stamp, so
+                # it describes nothing until the table carries that stamp.
+                record.save(st, desired)
+                loaded()
+            else:
+                record.save(st, desired)
+                _switch(staged, table, plan)
         except BaseException:
             forget()
             record.forget()
@@ -251,6 +265,32 @@ def _locks_out(st: Stamp, inv: Inventory, ssh: str) -> bool:
     """Would the rules recorded for this stamp lock the SSH session out? True when unknown."""
     recorded = record.ruleset(st)
     return recorded is None or lockout(recorded, inv, ssh) is not None
+
+
+def _stage(desired: Ruleset, st: Stamp, counts: dict[str, int] | None,
+           plan: Plan) -> staged.Staged | None:
+    """A staged load of a big table under way, or None: load it whole."""
+    try:
+        return staged.begin(desired, st, counts)
+    except staged.NotStaged:
+        return None
+    except OperationalError as exc:  # the kernel refused to declare the sets: nothing changed
+        plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
+                             "instead")
+        return None
+
+
+def _switch(load_staged: staged.Staged, table: str, plan: Plan) -> None:
+    """Switch to the staged sets; if the kernel refuses, load `table` whole (the live rules
+    are as they were until one of them commits)."""
+    from . import bans
+
+    try:
+        load_staged.switch(bans.pieces(bans.load(), time.time()))
+    except OperationalError as exc:
+        plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
+                             "instead")
+        load(table)
 
 
 def load(table: str) -> None:

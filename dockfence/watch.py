@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import discovery, engine, listfiles, listurls, state
 from . import record as applied
-from .backends import netlink
+from .backends import netlink, staged
 from .backends import nftables as nft
 from .compile import compile_policy
 from .errors import DockfenceError, OperationalError, PolicyError
@@ -84,13 +84,17 @@ class Guard:
     ruleset: Ruleset
     chains: Chains
     handle: int | None  # the table's kernel handle when watch last wrote it
-    stamp: Stamp | None
+    stamp: Stamp | None  # and its stamp (a staged apply keeps the handle, not the stamp)
     # the ruleset of the table as render() wrote it (each port with its own chain), when watch
     # knows that is what the kernel holds; None: some elements may jump to shared chains
     rendered: Ruleset | None = None
 
     def inventory(self) -> Inventory:
         return discovery.make_inventory(self.containers.values(), self.bridges, self.backend)
+
+    def holds(self, handle: int | None) -> bool:
+        """Is the live table (whose handle is `handle`) still the one watch last wrote?"""
+        return handle is not None and handle == self.handle and nft.live_stamp() == self.stamp
 
 
 class _Connected:
@@ -240,7 +244,7 @@ class Watcher:
         if handle is None:
             self.pending = f"{GONE} (nft flush ruleset? a firewall reload?): putting it back"
             self.report(self.pending)
-        elif handle != self.guard.handle and not self.pending:
+        elif not self.pending and not self.guard.holds(handle):
             self.pending = "table inet dockfence was replaced by someone else: full resync"
 
     def _drop_link(self) -> None:
@@ -257,7 +261,7 @@ class Watcher:
             self.report(f"cannot restore the recorded rules: {exc}")
             return
         assert self.guard is not None
-        self.guard.handle = netlink.table_handle(nft.TABLE)
+        self.guard.handle, self.guard.stamp = netlink.table_handle(nft.TABLE), nft.live_stamp()
         self.pending = ""
         self.report("restored the recorded rules")
 
@@ -414,11 +418,11 @@ class Watcher:
         assert self.guard is not None
         try:
             with engine.host_lock(LOCK_WAIT):
-                if netlink.table_handle(nft.TABLE) != self.guard.handle:
+                if not self.guard.holds(netlink.table_handle(nft.TABLE)):
                     raise OperationalError("the table changed under watch")
                 undo = self.record.append(update.text, durable=False)
                 try:
-                    netlink.commit(nft.TABLE, update.ops)
+                    netlink.commit(nft.TABLE, staged.aimed(update.ops))
                 except BaseException:
                     undo()
                     raise
@@ -529,8 +533,8 @@ class Watcher:
             return
         try:
             with engine.host_lock(LOCK_WAIT):
-                if netlink.table_handle(nft.TABLE) == g.handle:
-                    netlink.commit(nft.TABLE, update.ops)
+                if g.holds(netlink.table_handle(nft.TABLE)):
+                    netlink.commit(nft.TABLE, staged.aimed(update.ops))
         except (DockfenceError, OSError) as exc:
             self.report(f"{what}: cannot close the port meanwhile: {exc}")
             return

@@ -262,6 +262,11 @@ def _replies(data: bytes, acks: int = 1) -> Iterator[tuple[int, int, bytes, int,
 
 NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE = 1, 0
 TABLE_NAME, TABLE_HANDLE = 1, 4
+NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN, NFT_MSG_NEWSET, NFT_MSG_GETSET = 3, 4, 9, 10
+CHAIN_TABLE, CHAIN_NAME = 1, 3
+SET_TABLE, SET_NAME, SET_FLAGS = 1, 2, 3
+SET_ANONYMOUS, SET_MAP = 0x1, 0x8
+OBJECT_KINDS = {1: "counter", 2: "quota", 3: "ct helper", 4: "limit", 5: "ct timeout"}
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 OBJ_TABLE, OBJ_NAME, OBJ_TYPE, OBJ_DATA = 1, 2, 3, 4
@@ -374,3 +379,36 @@ def counters(table: str) -> dict[str, int] | None:
             out[name] = packets
     # a dump filtered on a table that does not exist is merely empty
     return None if not out and table_handle(table) is None else out
+
+
+def table_objects(table: str) -> list[tuple[str, str]] | None:
+    """(kind, name) of every named chain, set, map and stateful object of `table inet TABLE`
+    ("chain", "set", "map", "counter", "limit", ...; "object N" for a type without a name
+    here), or None when there is no such table. Declarations only, over netlink: no element
+    is read, whatever the sets hold. Anonymous sets belong to their rules and are left out."""
+    if table_handle(table) is None:
+        return None
+    out: list[tuple[str, str]] = []
+    for command, answer, table_attr, name_attr, what in (
+            (NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, CHAIN_TABLE, CHAIN_NAME, "chains"),
+            (NFT_MSG_GETSET, NFT_MSG_NEWSET, SET_TABLE, SET_NAME, "sets"),
+            (NFT_MSG_GETOBJ, NFT_MSG_NEWOBJ, OBJ_TABLE, OBJ_NAME, "objects")):
+        # dumps of every table of the family: the table is told apart here
+        for reply, start, stop in _query(command, NLM_F_DUMP, _str(table_attr, table), answer,
+                                         f"the {what} of {table}") or ():
+            found: dict[int, bytes] = {k: reply[a:b] for k, a, b in attrs(reply, start, stop)}
+            if found.get(table_attr, b"").rstrip(b"\0").decode() != table:
+                continue
+            name = found.get(name_attr, b"").rstrip(b"\0").decode(errors="replace")
+            if command == NFT_MSG_GETCHAIN:
+                kind = "chain"
+            elif command == NFT_MSG_GETSET:
+                (flags,) = struct.unpack("!I", found.get(SET_FLAGS, bytes(4))[:4])
+                if flags & SET_ANONYMOUS:
+                    continue
+                kind = "map" if flags & SET_MAP else "set"
+            else:
+                (number,) = struct.unpack("!I", found.get(OBJ_TYPE, bytes(4))[:4])
+                kind = OBJECT_KINDS.get(number, f"object {number}")
+            out.append((kind, name))
+    return out

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ..model import DirectGate, Gate, PortRange, Ruleset, Sources, Verdict
 
 FAMILY, TABLE = "inet", "dockfence"
+TABLE_COMMENT = '\tcomment "managed by dockfence; do not edit"'
 PRIORITY = "filter - 10"  # before Docker's iptables-nft/nftables filter chains
 TAG_UNKNOWN = "containers.default"
 TAG_DIRECT = "direct routing"
@@ -198,6 +199,10 @@ class _Renderer:
     elements: bool = True  # False: the structure only (sets without their addresses)
     deny: dict[Sources, list[tuple[str, str]]] = field(default_factory=dict)  # `except` sets
     counts: dict[str, int] = field(default_factory=dict)  # packets each counter starts from
+    # staged (dockfence.backends.staged): the address sets are named for this generation and
+    # declared without elements; `staged` keeps, by name, what each must hold
+    generation: int | None = None
+    staged: dict[str, tuple[int, tuple[int, ...], str]] = field(default_factory=dict)
 
     def counter(self, name: str) -> list[str]:
         """A named counter, starting from what `counts` carries over (a rebuild keeps them)."""
@@ -243,21 +248,25 @@ class _Renderer:
     def _address_sets(self, sources: Sources, name: str, v4: tuple[int, ...],
                       v6: tuple[int, ...]) -> list[tuple[str, str]]:
         out = []
+        staged = self.generation is not None
         for fam, version, blocks in (("ip", 4, v4), ("ip6", 6, v6)):
             if blocks:
-                sname = f"{name}_v{version}"
+                sname = staged_name(name, version, self.generation)
                 elements = ", ".join(addresses.show_all(version, blocks)) \
-                    if self.elements else ""
-                self.lines += [
+                    if self.elements and not staged else ""
+                declaration = [
                     f"\tset {sname} {{",
                     f"\t\ttype {'ipv4_addr' if fam == 'ip' else 'ipv6_addr'}",
                     "\t\tflags interval",
                     # how the policy wrote it, so status can say "office" again
                     *([f"\t\tcomment {comment(', '.join(sources.names))}"]
                       if sources.names else []),
-                    *([f"\t\telements = {{ {elements} }}"] if elements else []),
-                    "\t}",
                 ]
+                self.lines += [*declaration,
+                               *([f"\t\telements = {{ {elements} }}"] if elements else []),
+                               "\t}"]
+                if staged:
+                    self.staged[sname] = (version, blocks, "\n".join([*declaration, "\t}"]))
                 out.append((fam, sname))
         return out
 
@@ -402,6 +411,34 @@ def _loopback_guard() -> list[str]:
     ]
 
 
+# An address set of a staged load (see dockfence.backends.staged) is named for the load's
+# generation: `allow_0_g7_v4`. Everything that compares tables compares them without it.
+_STAGED_NAME = re.compile(r"\b((?:allow|deny)_\d+)_g\d+(_v[46])\b")
+_ADDRESS_SET = re.compile(r"(?:allow|deny)_\d+(?:_g(\d+))?_v[46]")
+
+
+def staged_name(name: str, version: int, generation: int | None) -> str:
+    """The name of an allow-list's (or `except` list's) set of one IP version: `allow_0_v4`,
+    or `allow_0_g7_v4` in a staged load of generation 7."""
+    return f"{name}_v{version}" if generation is None else f"{name}_g{generation}_v{version}"
+
+
+def unstaged(text: str) -> str:
+    """`text` with every staged set name as render() writes it outside a staged load."""
+    return _STAGED_NAME.sub(r"\1\2", text)
+
+
+def staged_generation(name: str) -> int | None:
+    """The generation in a staged set's name; None for any other name."""
+    m = _ADDRESS_SET.fullmatch(name)
+    return int(m.group(1)) if m and m.group(1) else None
+
+
+def is_address_set(name: str) -> bool:
+    """Is this the name of an allow-list's or `except` list's set, staged or not?"""
+    return _ADDRESS_SET.fullmatch(name) is not None
+
+
 def has_addressed(rs: Ruleset) -> bool:
     """Does the table need the maps keyed on host address and port? Only while some port is
     published on a specific host address: a host without one gets the table it always had."""
@@ -430,12 +467,21 @@ def address_sets(rs: Ruleset) -> tuple[str, dict[str, tuple[int, tuple[int, ...]
     return "\n".join(r.lines) + "\n", out
 
 
+def render_staged(rs: Ruleset, stamp: Stamp | None, counts: dict[str, int] | None,
+                  generation: int) -> tuple[str, dict[str, tuple[int, tuple[int, ...], str]]]:
+    """The table of a staged load: render()'s, but its address sets named for `generation`
+    and declared empty; and, by set name, the IP version, blocks and declaration of each."""
+    r = _render(rs, stamp, True, counts, generation)
+    return "\n".join(r.lines) + "\n", r.staged
+
+
 def _render(rs: Ruleset, stamp: Stamp | None = None, elements: bool = True,
-            counts: dict[str, int] | None = None) -> _Renderer:
+            counts: dict[str, int] | None = None, generation: int | None = None) -> _Renderer:
     from ..model import PROTOS
 
-    r = _Renderer(lines=[], sets={}, elements=elements, counts=counts or {})
-    r.lines += [f"table {FAMILY} {TABLE} {{", '\tcomment "managed by dockfence; do not edit"',
+    r = _Renderer(lines=[], sets={}, elements=elements, counts=counts or {},
+                  generation=generation)
+    r.lines += [f"table {FAMILY} {TABLE} {{", TABLE_COMMENT,
                 *_stamp_set(stamp), *_ban_sets(),
                 *(line for c in (COUNTER_UNKNOWN, COUNTER_DIRECT, COUNTER_HOST, COUNTER_REVOKED,
                                  COUNTER_BANNED) for line in r.counter(c)),
@@ -617,16 +663,18 @@ def live_counters() -> dict[str, int] | None:
         raise OperationalError(f"cannot read the counters of {TABLE}: {exc}") from None
 
 
-def live_generation() -> int | None:
-    """Changes whenever the table is replaced (apply recreates it: a new kernel handle), so
-    readers of the rules know when to read them again; None when dockfence is not applied.
+def live_generation() -> tuple[int, Stamp | None] | None:
+    """Changes whenever the rules are replaced, so readers of the rules know when to read them
+    again; None when dockfence is not applied. The table's kernel handle (a whole-table load
+    recreates it) and its stamp (a staged load keeps the table, and stamps what it loads).
     Over netlink: no nft process in the refusal reader's loop."""
     from . import netlink
 
     try:
-        return netlink.table_handle(TABLE)
+        handle = netlink.table_handle(TABLE)
     except OSError as exc:
         raise OperationalError(f"cannot read table {TABLE}: {exc}") from None
+    return None if handle is None else (handle, live_stamp())
 
 
 def live_text() -> str | None:
@@ -655,7 +703,18 @@ def canonical(doc: dict[str, Any] | None, elements: bool = True) -> str | None:
                              if k not in drop and not (kind == "counter" and k in _COUNTS)
                              and not (k == "elem" and body.get("name") in bans)}
                       for kind, body in obj.items() if kind != "metainfo"})
-    return json.dumps([i for i in items if i], sort_keys=True)
+    # The kernel lists objects in the order they were made (a staged load makes its sets
+    # first) and rules in their chain's order, which decides: declarations compare as a set,
+    # rules chain by chain. A staged load's set names carry its generation: left out.
+    rules: dict[str, list[str]] = {}
+    declared = []
+    for i in items:
+        if "rule" in i:
+            rules.setdefault(i["rule"].get("chain", ""), []).append(json.dumps(i, sort_keys=True))
+        elif i:
+            declared.append(json.dumps(i, sort_keys=True))
+    ordered = sorted(declared) + [r for chain in sorted(rules) for r in rules[chain]]
+    return unstaged("[" + ", ".join(ordered) + "]")
 
 
 def canonical_of(table: str, elements: bool = True) -> str:
