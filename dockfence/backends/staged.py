@@ -92,6 +92,18 @@ class Staged:
             nft.apply_text("".join(f"delete set {where} {name}\n" for name in self.sets))
 
 
+def _reaches_the_end(rs: Ruleset) -> bool:
+    """Does a list hold the last address of its family (255.255.255.255, or ffff:...)? Its
+    interval has no end element, which netlink.block_ops does not write; nft does."""
+    for s in nft.chain_order(rs):
+        for version, blocks in ((4, s.v4), (6, s.v6), (4, s.deny_v4), (6, s.deny_v6)):
+            bits = addresses.BITS[version]
+            # blocks are sorted and disjoint: the last one ends highest
+            if blocks and ((blocks[-1] >> 8) + (1 << (bits - (blocks[-1] & 0xFF)))) >> bits:
+                return True
+    return False
+
+
 def begin(rs: Ruleset, stamp: Stamp, counts: dict[str, int] | None) -> Staged:
     """Steps 1 and 2, started now: the sets are declared here and filled on a thread of their
     own while the caller renders and records the whole table (as `restore` will load it).
@@ -99,17 +111,14 @@ def begin(rs: Ruleset, stamp: Stamp, counts: dict[str, int] | None) -> Staged:
     refused to declare the sets (nothing changed)."""
     if blocks_in(rs) < STAGE_MIN:
         raise NotStaged("small table")
+    if _reaches_the_end(rs):
+        raise NotStaged("a block reaching the last address")  # it has no end element
     live = netlink.table_objects(nft.TABLE) or []
     generation = 1 + max((nft.staged_generation(n) or 0 for k, n in live if k == "set"),
                          default=0)
     table, sets = nft.render_staged(rs, stamp, counts, generation)
-    fills = []
-    for name, (version, blocks, _) in sets.items():
-        bits = addresses.BITS[version]
-        last = max(((b >> 8) + (1 << (bits - (b & 0xFF))) for b in blocks[-1:]), default=0)
-        if last >> bits:
-            raise NotStaged("a block reaching the last address")  # it has no end element
-        fills.append((name, bits, blocks))
+    fills = [(name, addresses.BITS[version], blocks)
+             for name, (version, blocks, _) in sets.items()]
     doomed = _deletions(live, set(sets))
     nft.apply_text("\n".join([f"table {nft.FAMILY} {nft.TABLE} {{", nft.TABLE_COMMENT,
                           *(decl for _, _, decl in sets.values()), "}", ""]))
