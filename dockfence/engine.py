@@ -62,8 +62,6 @@ class Plan:
     live: Ruleset | None
     changes: list[Change]
     unchanged: bool  # the live table enforces and says exactly what apply would write
-    table: str  # `desired` rendered for nft, as apply loads it ("" from make_plan, or when
-    # the stamp told that nothing changed)
     stamp: Stamp  # what the table carries once applied
     warnings: list[str] = field(default_factory=list)
 
@@ -121,7 +119,7 @@ def make_plan(policy_path: str) -> Plan:
     live = nft.parse_live(doc) if doc is not None else None
     unchanged = (live is not None and nft.same_table(live, desired)
                  and nft.same_structure(doc, nft.render(desired, st, elements=False)))  # type: ignore[arg-type]
-    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, "", st,
+    return Plan(pol, inv, desired, live, diff(live, desired), unchanged, st,
                 list(desired.warnings))
 
 
@@ -144,7 +142,7 @@ def _unchanged_by_stamp(policy_path: str, text: str | None,
     warnings = record.warnings(st) if live == st else None
     if warnings is None:
         return None
-    return Plan(None, inv, None, None, [], True, "", st, warnings)
+    return Plan(None, inv, None, None, [], True, st, warnings)
 
 
 def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | None = None,
@@ -210,7 +208,7 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         # updates leave new ports without chains of their own)
         unchanged = not rebuild and live is not None and nft.same_table(live, desired) and (
             doc is None or nft.same_structure(doc, nft.render(desired, st, elements=False)))
-        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, "", st,
+        plan = Plan(pol, inv, desired, live, diff(live, desired), unchanged, st,
                     fetched + list(desired.warnings))
         if unchanged:
             if live_st != st:  # same rules from other bytes (a comment, a restart): restamp
@@ -222,26 +220,30 @@ def apply(policy_path: str, force: bool = False, confirm: Callable[[], bool] | N
         previous = nft.live_text() if confirm is not None and exists else None
         # A big table's sets are filled beside the live rules from now on (see
         # backends.staged), while the whole table is rendered and recorded for `restore`.
-        staged = _stage(desired, st, counts, plan)
-        plan.table = table = nft.render(desired, st, counts=counts)
+        stage = _stage(desired, st, counts, plan)
         # Recorded first: if that fails nothing changes (a stale record would bring back older
         # rules at the next boot); if the kernel refuses, the old record is put back.
         try:
+            table = nft.render(desired, st, counts=counts)
             forget = saved.save_table(table)
         except BaseException:
-            if staged is not None:
-                staged.abort()
+            if stage is not None:
+                stage.abort()
             raise
         try:
-            if staged is None:
+            if stage is None:
                 loaded = load_later(table)
                 # While nft loads: the record of these rules. It is keyed by the new stamp, so
                 # it describes nothing until the table carries that stamp.
                 record.save(st, desired)
                 loaded()
             else:
-                record.save(st, desired)
-                _switch(staged, table, plan)
+                try:
+                    record.save(st, desired)
+                except BaseException:
+                    stage.abort()
+                    raise
+                _switch(stage, table, plan)
         except BaseException:
             forget()
             record.forget()
@@ -274,19 +276,19 @@ def _stage(desired: Ruleset, st: Stamp, counts: dict[str, int] | None,
         return staged.begin(desired, st, counts)
     except staged.NotStaged:
         return None
-    except OperationalError as exc:  # the kernel refused to declare the sets: nothing changed
+    except (OperationalError, OSError) as exc:  # refused to declare the sets: nothing changed
         plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
                              "instead")
         return None
 
 
-def _switch(load_staged: staged.Staged, table: str, plan: Plan) -> None:
+def _switch(stage: staged.Staged, table: str, plan: Plan) -> None:
     """Switch to the staged sets; if the kernel refuses, load `table` whole (the live rules
     are as they were until one of them commits)."""
     from . import bans
 
     try:
-        load_staged.switch(bans.pieces(bans.load(), time.time()))
+        stage.switch(bans.pieces(bans.load(), time.time()))
     except OperationalError as exc:
         plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
                              "instead")

@@ -108,6 +108,29 @@ def test_kernel_round_trip(name: str) -> None:
 
 
 @needs_root
+def test_lists_of_the_same_addresses_read_back_as_the_same_table() -> None:
+    """Two lists that hold the same addresses (`office`, and `office except` someone outside
+    it) share one set, whose comment names one of them: the table read back is still the one
+    rendered, so `plan` sees no change and `apply --full` loads nothing."""
+    rs = compile_policy(policy.parse(
+        "version: 1\nlists:\n  office: [203.0.113.0/28, '2001:db8:1::/64']\n"
+        "  abusers: [198.51.100.66]\nhost:\n  allow:\n    - {port: 22, from: office}\n"
+        "containers:\n  allow:\n    - {container: django, port: 8080, from: office, "
+        "except: abusers}\n", "/etc/dockfence/policy.yaml"), scenario())
+    gates = (*rs.container_gates, *rs.host.gates)  # type: ignore[union-attr]
+    assert {g.sources.names for g in gates if g.sources.names} == {
+        ("office",), ("office except abusers",)}  # two names, one set
+    back = nft.parse_live({"nftables": json.loads(nft.canonical_of(nft.render(rs)))})
+    assert nft.same_table(back, rs)
+    other = compile_policy(policy.parse(
+        "version: 1\nlists:\n  office: [203.0.113.0/28, '2001:db8:1::/64']\nhost:\n  allow:\n"
+        "    - {port: 22, from: office}\ncontainers:\n  allow:\n"
+        "    - {container: django, port: 8080, from: [203.0.113.0/28, '2001:db8:1::/64']}\n",
+        "/etc/dockfence/policy.yaml"), scenario())
+    assert not nft.same_table(back, other)  # the same addresses, other names: a change
+
+
+@needs_root
 def test_table_without_loopback_guard_reads_back_without_it() -> None:
     """A table made before the guard existed says so, and every render has it again."""
     rs = dataclasses.replace(ruleset("scenario"), loopback_guard=False)

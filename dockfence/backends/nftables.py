@@ -740,10 +740,14 @@ def _listed(rs: Ruleset) -> tuple[Any, ...]:
     """Everything render() writes of a ruleset, with text as its comments carry it (made safe,
     cut at 127 characters), so a ruleset parsed back from the kernel compares equal to the one
     that was rendered."""
+    order = chain_order(rs)
+
     def src(s: Sources) -> tuple[Any, ...]:
         named = s.names and (s.denies or (not s.any and not s.nobody))
+        # lists of the same addresses share sets, which carry the names of the first of them
+        names = next((k.names for k in order if same_list(k, s)), s.names) if named else ()
         return (s.any, s.v4, s.v6, s.deny_v4, s.deny_v6,
-                comment(", ".join(s.names)) if named else None)
+                comment(", ".join(names)) if named else None)
 
     def gates(gs: tuple[Gate, ...]) -> tuple[Any, ...]:
         return tuple((g.proto, g.ports, g.host, src(g.sources), comment(g.label, g.origin))
