@@ -238,13 +238,14 @@ class Watcher:
             return
         try:
             handle = netlink.table_handle(nft.TABLE)
+            ours = self.guard.holds(handle)
         except (OSError, OperationalError) as exc:
             self.report(f"cannot read the table's handle: {exc}")
             return
         if handle is None:
             self.pending = f"{GONE} (nft flush ruleset? a firewall reload?): putting it back"
             self.report(self.pending)
-        elif not self.pending and not self.guard.holds(handle):
+        elif not self.pending and not ours:
             self.pending = "table inet dockfence was replaced by someone else: full resync"
 
     def _drop_link(self) -> None:
