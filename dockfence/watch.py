@@ -240,7 +240,7 @@ class Watcher:
             handle = netlink.table_handle(nft.TABLE)
             ours = self.guard.holds(handle)
         except (OSError, OperationalError) as exc:
-            self.report(f"cannot read the table's handle: {exc}")
+            self.report(f"cannot read the table's handle and stamp: {exc}")
             return
         if handle is None:
             self.pending = f"{GONE} (nft flush ruleset? a firewall reload?): putting it back"
