@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from dockfence.lab import (
     HOST_EXT0_V4,
     HOST_EXT0_V6,
     HOST_EXT0_V6_ALT,
+    NETNS_DIR,
     Lab,
 )
 
@@ -44,7 +47,7 @@ from helpers import live_stamp, recorded_stamp, wait_for
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parent.parent
-WEB, LATE = 8081, 8085
+WEB, PUB, LATE = 8081, 8083, 8085
 OFFICE = f"{CLIENT_V4}\n{CLIENT_V6}\n"
 IN_OUT = [True, False, True, False]  # office in, stranger out, both families
 OUT_IN = [False, True, False, True]
@@ -68,6 +71,17 @@ containers:
   default: deny
   allow:
     - {{container: web, port: 8080, from: office}}
+"""
+EXCEPT = """\
+version: 1
+lists:
+  office: {file: OFFICE}
+  strangers: {file: STRANGERS}
+containers:
+  default: deny
+  allow:
+    - {container: web, port: 8080, from: office}
+    - {container: pub, port: 8080, from: any, except: [strangers]}
 """
 _SET = re.compile(r"^\s*set (\S+) \{", re.M)
 
@@ -131,8 +145,9 @@ class Site:
         """The generation every address set of the live table is named for (a staged load's
         sets only, both families)."""
         names = self.address_sets()
-        found = {m[2] for n in names if (m := re.fullmatch(r"allow_(\d+)_g(\d+)_v[46]", n))}
-        assert len(found) == 1 and len(names) >= 2, names  # one generation, nothing unstaged
+        found = [m[1] for n in names if (m := re.fullmatch(r"(?:allow|deny)_\d+_g(\d+)_v[46]", n))]
+        # one generation, nothing unstaged
+        assert len(set(found)) == 1 and len(found) == len(names) >= 2, names
         assert {n[-2:] for n in names} == {"v4", "v6"}, names
         return int(found.pop())
 
@@ -162,6 +177,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(lab: Lab) -> Iterator[Site]:
     lab.run_container("web", [f"{WEB}:8080"], lab.tcp_server_cmd(8080), restart="always")
+    lab.run_container("pub", [f"{PUB}:8080"], lab.tcp_server_cmd(8080), restart="always")
     s = Site(lab)
     try:
         yield s
@@ -191,34 +207,60 @@ def status_of(site: Site, port: int) -> tuple[str, bool]:
 
 
 def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
+    """A list file and an `except` list file growing past STAGE_MIN: staged (the table kept),
+    then staged again with the office dropped, then shrunk: loaded whole again."""
     site.baseline(WEB)
-    policy = policy_with(site, "big", MANY + OFFICE.encode())
-    listed = site.lab.base / "big.txt"
+    assert site.see(PUB, ALL_IN) == ALL_IN
+    office, strangers = site.lab.base / "office.txt", site.lab.base / "strangers.txt"
+    policy = site.lab.base / "except.yaml"
+    policy.write_text(EXCEPT.replace("OFFICE", str(office)).replace("STRANGERS", str(strangers)))
+    office.write_text(OFFICE)
+    strangers.write_bytes(SWAPPED)
 
-    site.apply(policy)
-    assert site.generation() == 1  # staged: every address set of generation 1
-    assert site.see(WEB, IN_OUT) == IN_OUT
-    assert site.unchanged(policy)  # the generation names are not a difference
-    assert status_of(site, WEB) == (f"office (file {listed}) (12,065 networks)", True)
-    explained = site.dockfence("explain", CLIENT_V4, str(WEB), "--policy", str(policy))
-    assert explained.startswith("ALLOWED") and f"office (file {listed})" in explained, explained
+    site.apply(policy)  # small: loaded whole, render()'s names
+    assert site.address_sets() == ["allow_0_v4", "allow_0_v6", "deny_0_v4", "deny_0_v6"]
+    assert site.see(WEB, IN_OUT) == IN_OUT and site.see(PUB, IN_OUT) == IN_OUT
     handle = site.handle()
 
-    # the office leaves the list: staged again, next generation, the old sets gone
-    listed.write_bytes(MANY)
+    office.write_bytes(MANY + OFFICE.encode())
+    strangers.write_bytes(MANY + SWAPPED)
+    site.apply(policy)
+    # staged: every address set of generation 1, in the same table; none of render()'s left
+    assert site.generation() == 1 and site.handle() == handle, site.sets()
+    assert len(site.address_sets()) == 4, site.sets()
+    assert site.see(WEB, IN_OUT) == IN_OUT and site.see(PUB, IN_OUT) == IN_OUT
+    assert site.unchanged(policy)  # the generation names are not a difference
+    assert status_of(site, WEB) == (f"office (file {office}) (12,065 networks)", True)
+    explained = site.dockfence("explain", CLIENT_V4, str(WEB), "--policy", str(policy))
+    assert explained.startswith("ALLOWED") and f"office (file {office})" in explained, explained
+    explained = site.dockfence("explain", CLIENT_V6_ALT, str(PUB), "--policy", str(policy))
+    assert explained.startswith("DENIED") and "any except strangers" in explained, explained
+
+    # the office leaves its list: staged again, the next generation, the old sets gone
+    office.write_bytes(MANY)
     site.apply(policy)
     assert site.generation() == 2 and site.handle() == handle, site.sets()
+    assert len(site.address_sets()) == 4, site.sets()
     out = [False, False, False, False]
-    assert site.see(WEB, out) == out
+    assert site.see(WEB, out) == out and site.see(PUB, IN_OUT) == IN_OUT
     assert "No changes" in site.apply(policy)
     assert site.unchanged(policy)
     assert recorded_stamp(site.lab) == live_stamp(site.lab)
     explained = site.dockfence("explain", CLIENT_V6, str(WEB), "--policy", str(policy))
     assert explained.startswith("DENIED"), explained
-    assert f"not in the allow-list: office (file {listed})" in explained, explained
-    assert status_of(site, WEB) == (f"office (file {listed}) (12,063 networks)", False)
+    assert f"not in the allow-list: office (file {office})" in explained, explained
+    assert status_of(site, WEB) == (f"office (file {office}) (12,063 networks)", False)
+
+    # small again: the whole table loaded (a new one), render()'s names
+    office.write_text(OFFICE)
+    strangers.write_bytes(SWAPPED)
+    site.apply(policy)
+    assert site.address_sets() == ["allow_0_v4", "allow_0_v6", "deny_0_v4", "deny_0_v6"]
+    assert site.handle() != handle
+    assert site.see(WEB, IN_OUT) == IN_OUT and site.see(PUB, IN_OUT) == IN_OUT
 
     site.baseline(WEB)
+    assert site.see(PUB, ALL_IN) == ALL_IN
 
 
 def test_watch_notices_a_staged_apply_it_did_not_make(site: Site) -> None:
@@ -253,6 +295,40 @@ def test_watch_notices_a_staged_apply_it_did_not_make(site: Site) -> None:
         site.baseline(LATE)
     finally:
         lab.docker("rm", "-f", "late")
+
+
+def test_the_refusal_reader_follows_a_staged_apply(site: Site) -> None:
+    """`log --follow` names the policy line that refused an attempt. A staged apply of another
+    policy file keeps the table and its counters' names: the reader tells the new rules by the
+    stamp, and names the new file's line (without that, only after a minute)."""
+    lab = site.lab
+    site.dockfence("remove")
+    first = policy_with(site, "first", MANY + OFFICE.encode())
+    second = policy_with(site, "second", MANY + OFFICE.encode())
+    site.apply(first)
+    generation, handle = site.generation(), site.handle()
+    out = lab.base / f"follow-{time.monotonic_ns()}.log"
+    reader = subprocess.Popen(
+        ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence", "log",
+         "--follow"], stdout=out.open("w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), "DOCKFENCE_STATE_DIR": str(site.state),
+             "DOCKER_HOST": lab.docker_host})
+
+    def refused_by(policy: Path, after: int = 0) -> bool:
+        """A stranger knocks (refused); the reader names `policy`'s line for web."""
+        assert not lab.probe(lab.client_ns, CLIENT_V4_ALT, HOST_EXT0_V4, WEB, timeout=0.5)
+        return f"-> web 8080/tcp (host port {WEB})  ({policy}:7)" in out.read_text()[after:]
+
+    try:
+        assert wait_for(lambda: refused_by(first), 30, 0.3), out.read_text()
+        seen = len(out.read_text())
+        site.apply(second)
+        assert site.generation() == generation + 1 and site.handle() == handle, site.sets()
+        assert wait_for(lambda: refused_by(second, seen), 25, 0.3), out.read_text()
+    finally:
+        reader.send_signal(signal.SIGTERM)  # by the pid we started
+        reader.wait(20)
+    site.baseline(WEB)  # the stranger refused above gets in without dockfence
 
 
 @pytest.fixture(scope="module")
