@@ -49,6 +49,10 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parent.parent
 WEB, PUB, LATE = 8081, 8083, 8085
 OFFICE = f"{CLIENT_V4}\n{CLIENT_V6}\n"
+# The blocks either side of each probe's source: a staged set's intervals (written by dockfence
+# over netlink, not by nft) must end exactly where they do
+AROUND_OFFICE = b"203.0.113.8/31\n203.0.113.11\n2001:db8:1::e/127\n2001:db8:1::11\n"
+AROUND_STRANGER = b"203.0.113.96/30\n203.0.113.101\n2001:db8:9::8/125\n2001:db8:9::11\n"
 IN_OUT = [True, False, True, False]  # office in, stranger out, both families
 OUT_IN = [False, True, False, True]
 ALL_IN = [True] * 4
@@ -222,22 +226,24 @@ def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
     assert site.see(WEB, IN_OUT) == IN_OUT and site.see(PUB, IN_OUT) == IN_OUT
     handle = site.handle()
 
-    office.write_bytes(MANY + OFFICE.encode())
-    strangers.write_bytes(MANY + SWAPPED)
+    # the office's neighbours are refused, the strangers' admitted: each probe's source sits
+    # between two blocks of a staged set
+    office.write_bytes(MANY + OFFICE.encode() + AROUND_STRANGER)
+    strangers.write_bytes(MANY + SWAPPED + AROUND_OFFICE)
     site.apply(policy)
     # staged: every address set of generation 1, in the same table; none of render()'s left
     assert site.generation() == 1 and site.handle() == handle, site.sets()
     assert len(site.address_sets()) == 4, site.sets()
     assert site.see(WEB, IN_OUT) == IN_OUT and site.see(PUB, IN_OUT) == IN_OUT
     assert site.unchanged(policy)  # the generation names are not a difference
-    assert status_of(site, WEB) == (f"office (file {office}) (12,065 networks)", True)
+    assert status_of(site, WEB) == (f"office (file {office}) (12,069 networks)", True)
     explained = site.dockfence("explain", CLIENT_V4, str(WEB), "--policy", str(policy))
     assert explained.startswith("ALLOWED") and f"office (file {office})" in explained, explained
     explained = site.dockfence("explain", CLIENT_V6_ALT, str(PUB), "--policy", str(policy))
     assert explained.startswith("DENIED") and "any except strangers" in explained, explained
 
     # the office leaves its list: staged again, the next generation, the old sets gone
-    office.write_bytes(MANY)
+    office.write_bytes(MANY + AROUND_STRANGER)
     site.apply(policy)
     assert site.generation() == 2 and site.handle() == handle, site.sets()
     assert len(site.address_sets()) == 4, site.sets()
@@ -249,7 +255,7 @@ def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
     explained = site.dockfence("explain", CLIENT_V6, str(WEB), "--policy", str(policy))
     assert explained.startswith("DENIED"), explained
     assert f"not in the allow-list: office (file {office})" in explained, explained
-    assert status_of(site, WEB) == (f"office (file {office}) (12,063 networks)", False)
+    assert status_of(site, WEB) == (f"office (file {office}) (12,067 networks)", False)
 
     # small again: the whole table loaded (a new one), render()'s names
     office.write_text(OFFICE)
