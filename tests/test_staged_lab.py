@@ -275,6 +275,23 @@ def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
     assert site.see(PUB, ALL_IN) == ALL_IN
 
 
+def test_a_list_of_several_fill_batches(site: Site) -> None:
+    """More blocks than two fill transactions hold (staged.FILL_BLOCKS): the office and the
+    strangers' neighbours come last in address order, so in the last batch, and every block
+    of every batch is in the kernel's set."""
+    many = 2 * staged.FILL_BLOCKS + 1_000  # every other address of 2001:db8::/64
+    filler = "".join(f"2001:db8::{i >> 15:x}:{(2 * i) & 0xFFFF:x}\n" for i in range(many))
+    site.baseline(WEB)
+    site.apply(policy_with(site, "batches", filler.encode() + OFFICE.encode() + AROUND_STRANGER))
+    assert site.generation() == 1
+    assert site.see(WEB, IN_OUT) == IN_OUT
+    listed = site.lab.host_exec("nft", "-j", "list", "set", "inet", "dockfence",
+                                "allow_0_g1_v6").stdout
+    elements = next(o["set"] for o in json.loads(listed)["nftables"] if "set" in o)["elem"]
+    assert len(elements) == many + 3, len(elements)  # the filler, the office, 2 neighbours
+    site.baseline(WEB)
+
+
 def test_watch_notices_a_staged_apply_it_did_not_make(site: Site) -> None:
     """A staged apply keeps the table's handle: watch tells it by the stamp, resyncs to its
     own policy, and gates a container started afterwards by it."""
