@@ -212,6 +212,13 @@ def status_of(site: Site, port: int) -> tuple[str, bool]:
     return row["who"], office <= networks
 
 
+def counted(site: Site, port: int) -> tuple[int, int]:
+    """The connections to `port` over IPv4 the live counters allowed and refused."""
+    ports = json.loads(site.dockfence("status", "--json"))["ports"]
+    row = next(p for p in ports if p["host"] == f"0.0.0.0:{port}")
+    return row["allowed"], row["refused"]
+
+
 def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
     """A list file and an `except` list file growing past STAGE_MIN: staged (the table kept),
     then staged again with the office dropped, then shrunk: loaded whole again."""
@@ -244,13 +251,21 @@ def test_a_big_list_file_is_staged_and_enforced(site: Site) -> None:
     explained = site.dockfence("explain", CLIENT_V6_ALT, str(PUB), "--policy", str(policy))
     assert explained.startswith("DENIED") and "any except strangers" in explained, explained
 
-    # the office leaves its list: staged again, the next generation, the old sets gone
-    office.write_bytes(MANY + AROUND_STRANGER)
-    site.apply(policy)
-    assert site.generation() == 2 and site.handle() == handle, site.sets()
-    assert len(site.address_sets()) == 4, site.sets()
-    out = [False, False, False, False]
-    assert site.see(WEB, out) == out and site.see(PUB, IN_OUT) == IN_OUT
+    # the office's IPv4 address banned, then the office leaves its list: staged again, the
+    # next generation, the old sets gone, the ban carried into the new table
+    site.dockfence("ban", CLIENT_V4)
+    try:
+        banned = [False, False, True, False]
+        assert site.see(PUB, banned) == banned
+        office.write_bytes(MANY + AROUND_STRANGER)
+        site.apply(policy)
+        assert site.generation() == 2 and site.handle() == handle, site.sets()
+        assert len(site.address_sets()) == 4, site.sets()
+        out = [False, False, False, False]
+        assert site.see(WEB, out) == out and site.see(PUB, banned) == banned
+    finally:
+        site.dockfence_proc("unban", CLIENT_V4)
+    assert site.see(PUB, IN_OUT) == IN_OUT
     assert "No changes" in site.apply(policy)
     assert site.unchanged(policy)
     assert recorded_stamp(site.lab) == live_stamp(site.lab)
@@ -387,13 +402,18 @@ def test_watch_refreshes_a_big_downloaded_list_in_its_staged_sets(served: Site) 
     serve(site, "many")
     site.apply(policy)
     assert site.generation() == 1
+    assert site.see(WEB, IN_OUT) == IN_OUT
+    allowed, refused = counted(site, WEB)
+    assert allowed > 0 and refused > 0, (allowed, refused)
     watch = Watching(site, policy)  # type: ignore[arg-type]
     try:
         assert watch.wait_log("start:"), watch.log()
-        # watch started on a table it did not write: it rewrites it once, after a quiet spell
+        # watch started on a table it did not write: it rewrites it once, after a quiet spell,
+        # staged, its counters carried over
         assert watch.wait_log("get their own counters:"), watch.log()
         sets, handle = site.address_sets(), site.handle()
         assert site.generation() == 2
+        assert counted(site, WEB) == (allowed, refused)
         assert site.see(WEB, IN_OUT) == IN_OUT
 
         serve(site, "many-swapped")
