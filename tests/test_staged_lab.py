@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from list_server import MANY, SWAPPED
-from test_sources import PORT, Watching, start_server, stop_server
 
 from dockfence.backends import staged
 from dockfence.lab import (
@@ -45,6 +43,8 @@ from dockfence.lab import (
 )
 
 from helpers import live_stamp, recorded_stamp, wait_for
+from list_server import MANY, SWAPPED
+from test_sources import PORT, Watching, start_server, stop_server
 
 pytestmark = pytest.mark.lab
 
@@ -105,7 +105,6 @@ class Site:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.state = lab.base / "state"
-        self.server: object | None = None
 
     def dockfence(self, *args: str) -> str:
         """Run dockfence on the lab's host; its stdout (stderr too when it fails)."""
@@ -151,7 +150,8 @@ class Site:
         """The generation every address set of the live table is named for (a staged load's
         sets only, both families)."""
         names = self.address_sets()
-        found = [m[1] for n in names if (m := re.fullmatch(r"(?:allow|deny)_\d+_g(\d+)_v[46]", n))]
+        found = [m[1] for n in names
+                 if (m := re.fullmatch(r"(?:allow|deny)_\d+_g(\d+)_v[46]", n))]
         # one generation, nothing unstaged
         assert len(set(found)) == 1 and len(found) == len(names) >= 2, names
         assert {n[-2:] for n in names} == {"v4", "v6"}, names
