@@ -352,11 +352,12 @@ def test_the_refusal_reader_follows_a_staged_apply(site: Site) -> None:
     site.apply(first)
     generation, handle = site.generation(), site.handle()
     out = lab.base / f"follow-{time.monotonic_ns()}.log"
-    reader = subprocess.Popen(
-        ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence", "log",
-         "--follow"], stdout=out.open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO), "DOCKFENCE_STATE_DIR": str(site.state),
-             "DOCKER_HOST": lab.docker_host})
+    with out.open("w") as sink:
+        reader = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / lab.host_ns}", sys.executable, "-m", "dockfence",
+             "log", "--follow"], stdout=sink, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), "DOCKFENCE_STATE_DIR": str(site.state),
+                 "DOCKER_HOST": lab.docker_host})
 
     def refused_by(policy: Path, after: int = 0) -> bool:
         """A stranger knocks (refused); the reader names `policy`'s line for web."""
