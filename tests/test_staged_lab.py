@@ -395,7 +395,8 @@ def serve(site: Site, mode: str) -> None:
 def test_watch_refreshes_a_big_downloaded_list_in_its_staged_sets(served: Site) -> None:
     """A downloaded list held in staged sets (`allow_0_g2_v4`) changes upstream: watch updates
     the elements of those very sets (no new table, no new generation) and packets follow. A
-    set an interrupted load left behind makes the next refresh a full apply."""
+    set an interrupted load left behind makes a refresh a full apply instead. `restore` (at
+    boot) brings back the last full apply and watch's element updates since."""
     site = served
     site.dockfence("remove")
     policy = site.lab.base / "downloaded.yaml"
@@ -412,41 +413,48 @@ def test_watch_refreshes_a_big_downloaded_list_in_its_staged_sets(served: Site) 
         # watch started on a table it did not write: it rewrites it once, after a quiet spell,
         # staged, its counters carried over
         assert watch.wait_log("get their own counters:"), watch.log()
-        sets, handle = site.address_sets(), site.handle()
         assert site.generation() == 2
         assert counted(site, WEB) == (allowed, refused)
         assert site.see(WEB, IN_OUT) == IN_OUT
-
-        serve(site, "many-swapped")
-        seen = len(watch.log())
-        assert watch.proc.poll() is None
-        watch.proc.send_signal(signal.SIGHUP)
-        assert watch.wait_log("downloaded lists refreshed: updated the elements of allow_", seen), \
-            watch.log()
-        line = next(x for x in watch.log()[seen:].splitlines() if "updated the elements" in x)
-        assert "_v4" in line and "_v6" in line and "_g" not in line, line  # render()'s names
-        assert site.see(WEB, OUT_IN) == OUT_IN
-        # the staged sets themselves changed: same table, same names
-        assert site.handle() == handle and site.address_sets() == sets, site.sets()
-        assert "full resync" not in watch.log()[seen:], watch.log()
-        assert site.unchanged(policy)
-        assert recorded_stamp(site.lab) == live_stamp(site.lab), watch.log()
-        assert "No changes" in site.apply(policy)
+        handle = site.handle()
 
         # the set an interrupted staged load left: which one is live cannot be told by its
         # name, so the refresh falls back to a full apply, which deletes it
         site.lab.host_exec("nft", "add set inet dockfence allow_0_g9_v4 "
                            "{ type ipv4_addr; flags interval; }")
-        serve(site, "many")
+        serve(site, "many-swapped")
         seen = len(watch.log())
         watch.proc.send_signal(signal.SIGHUP)
         assert watch.wait_log("resync after a failed update: applied", seen), watch.log()
         assert "allow_0_g9_v4: a staged load was interrupted; full resync" in watch.log()[seen:]
         assert site.generation() == 10 and site.handle() == handle, site.sets()
         assert len(site.address_sets()) == 2, site.sets()
+        assert site.see(WEB, OUT_IN) == OUT_IN
+        sets = site.address_sets()
+
+        serve(site, "many")
+        seen = len(watch.log())
+        watch.proc.send_signal(signal.SIGHUP)
+        assert watch.wait_log("downloaded lists refreshed: updated the elements of allow_", seen), \
+            watch.log()
+        line = next(x for x in watch.log()[seen:].splitlines() if "updated the elements" in x)
+        assert "_v4" in line and "_v6" in line and "_g" not in line, line  # render()'s names
         assert site.see(WEB, IN_OUT) == IN_OUT
+        # the staged sets themselves changed: same table, same names
+        assert site.handle() == handle and site.address_sets() == sets, site.sets()
+        assert "full resync" not in watch.log()[seen:], watch.log()
         assert site.unchanged(policy)
+        assert recorded_stamp(site.lab) == live_stamp(site.lab), watch.log()
+        assert "No changes" in site.apply(policy)
     finally:
         watch.stop()
     assert watch.proc.returncode == 0, watch.log()
+
+    # the last full apply let the strangers in; the element update since, the office
+    site.lab.host_exec("nft", "delete", "table", "inet", "dockfence")
+    assert site.see(WEB, ALL_IN) == ALL_IN
+    site.dockfence("restore")
+    assert site.address_sets() == ["allow_0_v4", "allow_0_v6"]  # loaded whole
+    assert site.see(WEB, IN_OUT) == IN_OUT
+    assert site.unchanged(policy)
     site.baseline(WEB)
