@@ -11,6 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODE = "good"
 GOOD = b"# office\n203.0.113.10\n2001:db8:1::10/128\n\n198.51.100.7  # branch\n"
 SWAPPED = b"203.0.113.100\n2001:db8:9::10\n"  # the strangers' addresses instead of the office's
+# More blocks than a staged load's threshold (dockfence.backends.staged.STAGE_MIN) that no
+# merge shrinks: every other /64 of 2001:db8:a000::/48 and every other address of
+# 198.51.100.128/25 (none of them a lab address)
+MANY = "".join([*(f"2001:db8:a000:{2 * i:x}::/64\n" for i in range(12_000)),
+                *(f"198.51.100.{i}\n" for i in range(129, 255, 2))]).encode()
 HOLD = 45.0  # /held gives up holding after this long (a download may take 60 s in all)
 RELEASE = threading.Event()
 HELD = {"state": "idle"}  # of /held: idle, holding (a download is in flight), done
@@ -70,6 +75,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send(b"198.51.100.50\n")
         elif path == "/swapped":
             self.send(SWAPPED)
+        elif path == "/many":  # MANY and the office
+            self.send(MANY + GOOD)
+        elif path == "/many-swapped":  # MANY and the strangers
+            self.send(MANY + SWAPPED)
         elif path == "/held":  # SWAPPED, held open (a comment line every 0.5 s) until /release
             HELD["state"] = "holding"
             self.send_response(200)
