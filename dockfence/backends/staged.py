@@ -11,7 +11,8 @@ STAGE_MIN blocks on, apply instead:
    FILL_BLOCKS blocks: packets never see these sets, so a half-filled one decides nothing;
 3. in one `nft -f`, empties every chain of the table and deletes every object but the sets of
    step 1, then declares the new table around them. It names no element of an existing set,
-   so nft reads none back: this transaction costs the same at 10 and at 1,000,000 addresses.
+   so nft reads none back (8 ms at 100,000 addresses); what grows with the lists is only the
+   kernel freeing the previous generation's sets.
 
 Packets see the old rules until step 3 commits, then the new ones: one atomic switch, as with
 a whole-table load. Anything that fails before it leaves the live rules as they were; the sets
