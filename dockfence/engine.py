@@ -23,6 +23,7 @@ from .stamp import Stamp, inventory_digest
 # diff, bans or counters, nor the rules' types: each loads where it is used.
 if TYPE_CHECKING:
     from . import policy
+    from .backends.staged import Staged
     from .inventory import Inventory
     from .model import Ruleset
     from .plan import Change
@@ -270,19 +271,20 @@ def _locks_out(st: Stamp, inv: Inventory, ssh: str) -> bool:
 
 
 def _stage(desired: Ruleset, st: Stamp, counts: dict[str, int] | None,
-           plan: Plan) -> staged.Staged | None:
+           plan: Plan) -> Staged | None:
     """A staged load of a big table under way, or None: load it whole."""
+    from .backends import staged  # only where something changes: not on the no-op's path
+
     try:
         return staged.begin(desired, st, counts)
     except staged.NotStaged:
         return None
     except (OperationalError, OSError) as exc:  # refused to declare the sets: nothing changed
-        plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
-                             "instead")
+        _whole_instead(plan, exc)
         return None
 
 
-def _switch(stage: staged.Staged, table: str, plan: Plan) -> None:
+def _switch(stage: Staged, table: str, plan: Plan) -> None:
     """Switch to the staged sets; if the kernel refuses, load `table` whole (the live rules
     are as they were until one of them commits)."""
     from . import bans
@@ -290,9 +292,13 @@ def _switch(stage: staged.Staged, table: str, plan: Plan) -> None:
     try:
         stage.switch(bans.pieces(bans.load(), time.time()))
     except OperationalError as exc:
-        plan.warnings.append(f"a staged load was refused ({exc}); loaded the whole table "
-                             "instead")
+        _whole_instead(plan, exc)
         load(table)
+
+
+def _whole_instead(plan: Plan, refused: Exception) -> None:
+    plan.warnings.append(f"a staged load was refused ({refused}); loaded the whole table "
+                         "instead")
 
 
 def load(table: str) -> None:

@@ -314,7 +314,7 @@ def test_no_op_apply_loads_no_validator_compiler_or_diff(tmp_path: Path) -> None
         "dockfence.bans", "dockfence.counters", "dockfence.located_yaml",
         # nor the rules' types (their classes cost ~10 ms to create), nor OpenSSL (~4 ms) for
         # the few small digests it makes
-        "dockfence.model", "dockfence.labels", "_hashlib",
+        "dockfence.model", "dockfence.labels", "_hashlib", "dockfence.backends.staged",
         # it starts no process and writes no state: neither subprocess, nor shutil (bz2, lzma)
         # for finding programs, nor secrets (random, hmac, base64) for naming a generation
         "subprocess", "shutil", "bz2", "lzma", "secrets", "random"})

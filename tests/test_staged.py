@@ -19,6 +19,7 @@ from dockfence.backends import nftables as nft
 from dockfence.compile import compile_policy
 from dockfence.errors import OperationalError
 from dockfence.model import Ruleset
+from dockfence.run import run
 from dockfence.stamp import Stamp, digest
 
 from helpers import scenario
@@ -189,7 +190,7 @@ def _in_netns_loads(n: str) -> None:
     held = {4: [(addresses.parse("198.51.100.9")[1], 600)], 6: []}
     staged.begin(big, stamp(1), None).switch(held)
     _report(big, stamp(1))
-    bans = json.loads(nft.run(["nft", "-j", "list", "set", "inet", "dockfence", "bans_v4"]).stdout)
+    bans = json.loads(run(["nft", "-j", "list", "set", "inet", "dockfence", "bans_v4"]).stdout)
     print(json.dumps([e["elem"]["val"] for o in bans["nftables"] if "set" in o
                       for e in o["set"].get("elem", [])]))
     staged.begin(bigger, stamp(2), None).switch({4: [], 6: []})
