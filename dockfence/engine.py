@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from . import discovery, listfiles, record, state
 from .backends import nftables as nft
-from .backends import staged
 from .errors import OperationalError, UsageError
 from .run import later
 from .stamp import Stamp, inventory_digest
